@@ -1,0 +1,199 @@
+"""Running tasks inside a worker: the part every execution model shares.
+
+A *worker* is whatever runs tasks one at a time: a worker process, a worker thread, the
+caller's own thread in sequential mode. Each has a :class:`WorkerContext` holding its
+per-worker state (what the initializer set up, ``escala.worker_state()``) and, for
+coroutine functions, its own event loop, so that ``async def`` tasks run in every mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import itertools
+import time
+import types
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from .backends.base import Apply, Batch, Call
+
+__all__ = ["WorkerContext", "worker_state"]
+
+_state: contextvars.ContextVar[SimpleNamespace] = contextvars.ContextVar("escala_worker_state")
+
+
+def worker_state() -> SimpleNamespace:
+    """Return the state of the worker running the current task.
+
+    Each worker (a process, a thread, or the caller in sequential mode) has its own
+    namespace. Fill it in the ``initializer`` to open a connection once per worker, and
+    read it in the task::
+
+        def connect(dsn):
+            escala.worker_state().db = open_db(dsn)
+
+        def lookup(key):
+            return escala.worker_state().db.get(key)
+
+        escala.map(lookup, keys, mode="threads", initializer=connect, initargs=(dsn,))
+
+    Raises:
+        RuntimeError: called outside a task or initializer run by escala.
+    """
+    try:
+        return _state.get()
+    except LookupError:
+        raise RuntimeError(
+            "escala.worker_state() is only available inside a task or an initializer "
+            "that escala runs"
+        ) from None
+
+
+class WorkerContext:
+    """One worker's state, initializer and event loop.
+
+    Args:
+        initializer: run once, in the worker, before its first task.
+        initargs: its arguments.
+    """
+
+    def __init__(
+        self, initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()
+    ) -> None:
+        self.state = SimpleNamespace()
+        self._initializer = initializer
+        self._initargs = initargs
+        self._runner: asyncio.Runner | None = None
+
+    def enter(self) -> contextvars.Token[SimpleNamespace]:
+        """Make this worker's state current in the running thread."""
+        return _state.set(self.state)
+
+    def initialize(self) -> None:
+        """Run the initializer (its exception propagates to the backend)."""
+        if self._initializer is not None:
+            self.resolve(self._initializer(*self._initargs))
+
+    def call(self, call: Call, item: Any) -> Any:
+        """Run one task and return its result."""
+        if call.apply is Apply.ONE:
+            result = call.fn(item)
+        elif call.apply is Apply.STAR:
+            result = call.fn(*item)
+        else:
+            result = call.fn(*item[0], **item[1])
+        return self.resolve(result)
+
+    def resolve(self, result: Any) -> Any:
+        """Run ``result`` to completion on this worker's loop if it is a coroutine."""
+        if inspect.iscoroutine(result):
+            if self._runner is None:
+                self._runner = asyncio.Runner()
+            return self._runner.run(result)
+        return result
+
+    def run_batch(
+        self,
+        batch: Batch,
+        mark: Callable[[int], None] | None = None,
+        slot: Any = None,
+        slot_base: float = 0.0,
+        timed: bool = False,
+    ) -> tuple[list[Any], dict[int, BaseException] | None, float]:
+        """Run every task of ``batch`` in order.
+
+        Args:
+            batch: the tasks.
+            mark: called with each task's position just before it starts.
+            slot: a shared-memory cell array (processes mode): ``slot[0]`` receives
+                ``slot_base + position`` before each task and, when ``timed``, ``slot[1]``
+                the start time, so the parent can tell which task a worker is on. Written
+                inline rather than through ``mark``: this loop runs once per task, and
+                for trivial tasks every call in it shows in the total.
+            slot_base: see ``slot``.
+            timed: also write start times into ``slot``.
+
+        Returns:
+            The results (``None`` where a task failed), the failures by position (or
+            ``None``), and the seconds spent.
+        """
+        values: list[Any] = []
+        failures: dict[int, BaseException] | None = None
+        call = batch.call
+        fn, single = call.fn, call.apply is Apply.ONE
+        items = batch.items
+        start = time.perf_counter()
+        if single and mark is None and not timed:
+            while len(values) < len(items):
+                error = self._run_fast(fn, items, values, slot, slot_base)
+                if error is None:
+                    break
+                if failures is None:
+                    failures = {}
+                failures[len(values)] = error
+                values.append(None)
+            return values, failures, time.perf_counter() - start
+        is_coroutine = inspect.iscoroutine
+        monotonic = time.monotonic
+        for pos, item in enumerate(items):
+            if slot is not None:
+                if timed:
+                    slot[1] = monotonic()
+                slot[0] = slot_base + pos
+            elif mark is not None:
+                mark(pos)
+            try:
+                if single:
+                    result = fn(item)
+                    if is_coroutine(result):
+                        result = self.resolve(result)
+                else:
+                    result = self.call(call, item)
+                values.append(result)
+            except (Exception, SystemExit) as exc:
+                if failures is None:
+                    failures = {}
+                failures[pos] = exc
+                values.append(None)
+        return values, failures, time.perf_counter() - start
+
+    def _run_fast(
+        self, fn: Callable[[Any], Any], items: list[Any], values: list[Any], slot: Any, base: float
+    ) -> BaseException | None:
+        """Run ``items[len(values):]``, appending results, until one raises; return its error.
+
+        The common case (one argument, no timeout) in the tightest loop Python allows: no
+        per-task call besides ``fn``, the failing position read back as ``len(values)``.
+        """
+        begin = len(values)
+        rest = items if begin == 0 else itertools.islice(items, begin, None)
+        append = values.append
+        coroutine = types.CoroutineType
+        try:
+            if slot is None:
+                for item in rest:
+                    result = fn(item)
+                    if type(result) is coroutine:
+                        result = self.resolve(result)
+                    append(result)
+            else:
+                position = base + begin
+                for item in rest:
+                    slot[0] = position
+                    result = fn(item)
+                    if type(result) is coroutine:
+                        result = self.resolve(result)
+                    append(result)
+                    position += 1.0
+        except (Exception, SystemExit) as exc:
+            return exc
+        return None
+
+    def close(self) -> None:
+        """Close this worker's event loop, if it made one."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None

@@ -1,0 +1,328 @@
+"""The scheduler: input window, batching, retries, ordering and error policy, without I/O.
+
+The scheduler is a plain object that the sync and async drivers feed with events (items
+pulled, batches done, time passing) and ask for decisions (how many items to pull, which
+batches to send, which results are ready). It never blocks, sleeps or touches a thread, so
+both drivers share it and tests can drive it step by step::
+
+    items ──pull──▶ driver ──take()──▶ Scheduler ──batches──▶ driver ──submit──▶ backend
+                      ▲                   │  ▲                                     │
+       results ◀──pop_ready()─────────────┘  └──────────── complete(Done) ◀────────┘
+
+Memory is bounded by the *window*: tasks pulled from the input and not yet handed back to
+the caller (running, waiting for a retry, or buffered behind a slower task for ordered
+output). When it is full, the driver stops pulling, so an endless generator is consumed
+only as fast as results are taken.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ._options import Retry
+from .backends.base import Batch, Call, Done
+
+__all__ = ["BatchSizer", "Outcome", "Scheduler"]
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[R]):
+    """What became of one item, when errors are collected (``errors="collect"``).
+
+    Attributes:
+        index: the item's position in the input.
+        item: the item itself.
+        value: the result, when the task succeeded.
+        error: the exception, when it failed for good.
+        attempts: how many times the task ran.
+    """
+
+    index: int
+    item: Any
+    value: R | None
+    error: BaseException | None
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task succeeded."""
+        return self.error is None
+
+    def unwrap(self) -> R:
+        """Return the value, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class BatchSizer:
+    """Choose how many tasks to send to a worker at once.
+
+    Fixed when the caller says so. Otherwise, where batching pays (worker processes), it
+    starts with single tasks and sizes batches from measured worker time so that each takes
+    about ``TARGET`` seconds, the way joblib's auto batching does: long tasks go one by one
+    (best balance), trivial ones go by thousands (IPC paid once per batch). Growth from one
+    measurement is limited so that one unusually fast sample cannot make a huge batch.
+    """
+
+    TARGET = 0.02
+    GROWTH = 8
+    CAP = 16384
+
+    def __init__(self, fixed: int | None, *, adaptive: bool, workers: int, total: int | None):
+        self.size = fixed or 1
+        self.adaptive = adaptive and fixed is None
+        self.cap = self.CAP
+        if total is not None:
+            # Leave enough batches to keep every worker busy until the end, as Pool.map does.
+            self.cap = max(1, min(self.cap, math.ceil(total / (4 * workers))))
+
+    def observe(self, tasks: int, busy: float) -> None:
+        """Learn from a batch of ``tasks`` that kept a worker busy ``busy`` seconds."""
+        if not self.adaptive or tasks <= 0:
+            return
+        per_task = busy / tasks
+        ideal = int(self.TARGET / per_task) if per_task > 0 else self.cap
+        self.size = max(1, min(ideal, tasks * self.GROWTH, self.cap))
+
+
+class Scheduler:
+    """Decide what to pull, what to send and what to hand back, for one run.
+
+    Args:
+        call: the function and how to apply it.
+        workers: tasks the backend runs at once.
+        sizer: the batch sizer.
+        ordered: hand results back in input order.
+        collect: hand back an :class:`Outcome` per item instead of raising the first error.
+        retry: the retry policy.
+        timeout: per-task timeout, passed to the backend with each batch.
+        window: most tasks outstanding; ``None`` is ``lookahead × workers × batch size``.
+        lookahead: batches per worker kept in flight so no worker waits for the next.
+        clock: monotonic time source.
+        rand: uniform random source in [0, 1), for retry jitter.
+    """
+
+    def __init__(
+        self,
+        call: Call,
+        *,
+        workers: int,
+        sizer: BatchSizer,
+        ordered: bool,
+        collect: bool,
+        retry: Retry,
+        timeout: float | None = None,
+        window: int | None = None,
+        lookahead: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._call = call
+        self._workers = workers
+        self.sizer = sizer
+        self._ordered = ordered
+        self._collect = collect
+        self._retry = retry
+        self._timeout = timeout
+        self._window = window
+        self._lookahead = lookahead
+        self._clock = clock
+        self._rand = rand
+
+        self._next_index = 0
+        self._input_done = False
+        self._outstanding = 0  # pulled, not yet handed back
+        self._in_flight = 0  # batches submitted, not yet done
+        self._attempts: dict[int, int] = {}  # index -> runs so far, only for tasks that failed
+        self._waiting: list[
+            tuple[float, int, int, Any, bool]
+        ] = []  # (due, seq, index, item, alone)
+        self._seq = itertools.count()
+        self._ready: deque[tuple[Sequence[int], list[Any]]] = deque()  # (indices, results)
+        self._ready_count = 0
+        self._reorder: dict[int, list[Any]] = {}  # first index -> consecutive entries
+        self._next_emit = 0
+        self.error: BaseException | None = None
+        self.batches_sent = 0
+
+    # -- input side -----------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """The most tasks outstanding at once."""
+        if self._window is not None:
+            return self._window
+        return self._lookahead * self._workers * self.sizer.size
+
+    def room(self) -> int:
+        """Return how many more items the driver may pull now."""
+        if self._input_done or self.error is not None:
+            return 0
+        return max(0, self.window - self._outstanding)
+
+    def take(self, items: list[Any]) -> list[Batch]:
+        """Accept items just pulled from the input; return the batches to send."""
+        start = self._next_index
+        self._next_index += len(items)
+        self._outstanding += len(items)
+        size = self.sizer.size
+        batches = [
+            Batch(self._call, range(start + i, start + i + len(chunk)), chunk, self._timeout)
+            for i in range(0, len(items), size)
+            for chunk in (items[i : i + size],)
+        ]
+        self._in_flight += len(batches)
+        self.batches_sent += len(batches)
+        return batches
+
+    def end_input(self) -> None:
+        """Note that the input is exhausted."""
+        self._input_done = True
+
+    @property
+    def input_done(self) -> bool:
+        """Whether the input is exhausted."""
+        return self._input_done
+
+    # -- retries --------------------------------------------------------------------
+
+    def due(self, now: float) -> list[Batch]:
+        """Return batches of tasks whose retry time has come."""
+        if not self._waiting or self._waiting[0][0] > now or self.error is not None:
+            return []
+        batches: list[Batch] = []
+        group_idx: list[int] = []
+        group_items: list[Any] = []
+        while self._waiting and self._waiting[0][0] <= now:
+            _, _, index, item, alone = heapq.heappop(self._waiting)
+            if alone:
+                batches.append(Batch(self._call, [index], [item], self._timeout))
+            else:
+                group_idx.append(index)
+                group_items.append(item)
+        size = self.sizer.size
+        for i in range(0, len(group_idx), size):
+            batches.append(
+                Batch(self._call, group_idx[i : i + size], group_items[i : i + size], self._timeout)
+            )
+        self._in_flight += len(batches)
+        self.batches_sent += len(batches)
+        return batches
+
+    def next_due(self) -> float | None:
+        """Return when the next retry is due, or ``None``."""
+        return self._waiting[0][0] if self._waiting else None
+
+    def _later(self, due: float, index: int, item: Any, alone: bool = False) -> None:
+        heapq.heappush(self._waiting, (due, next(self._seq), index, item, alone))
+
+    # -- completions ----------------------------------------------------------------
+
+    def complete(self, done: Done) -> None:
+        """Take in a finished batch: keep results, schedule retries, note failures."""
+        self._in_flight -= 1
+        batch = done.batch
+        lost = done.lost
+        self.sizer.observe(len(batch.items) - len(lost), done.busy)
+        if self.error is not None:
+            return  # failing fast: nothing more is handed back
+        failures = done.failures
+        if not failures and not lost and not self._collect and not self._attempts:
+            self._accept_chunk(batch.indices, done.values)
+            return
+        now = self._clock()
+        lost_set = set(lost)
+        for pos, index in enumerate(batch.indices):
+            item = batch.items[pos]
+            if pos in lost_set:
+                self._later(now, index, item, alone=done.split)
+                continue
+            attempts = self._attempts.pop(index, 0) + 1
+            failure = failures.get(pos) if failures else None
+            if failure is None:
+                value = done.values[pos]
+                if self._collect:
+                    value = Outcome(index, item, value, None, attempts)
+                self._accept_chunk(range(index, index + 1), [value])
+                continue
+            error = failure.exception(index)
+            if self._retry.should_retry(error, attempts):
+                self._attempts[index] = attempts
+                self._later(now + self._retry.delay(attempts, self._rand), index, item)
+            elif self._collect:
+                self._accept_chunk(
+                    range(index, index + 1), [Outcome(index, item, None, error, attempts)]
+                )
+            else:
+                self.error = error
+                return
+
+    def _accept_chunk(self, indices: Sequence[int], values: list[Any]) -> None:
+        if not self._ordered:
+            self._hand_back(indices, values)
+            return
+        if not isinstance(indices, range):  # a regrouped retry batch: indices not consecutive
+            for index, value in zip(indices, values, strict=True):
+                self._accept_chunk(range(index, index + 1), [value])
+            return
+        if indices.start != self._next_emit:
+            self._reorder[indices.start] = values
+            return
+        self._hand_back(indices, values)
+        self._next_emit = indices.stop
+        while (chunk := self._reorder.pop(self._next_emit, None)) is not None:
+            start = self._next_emit
+            self._hand_back(range(start, start + len(chunk)), chunk)
+            self._next_emit += len(chunk)
+
+    def _hand_back(self, indices: Sequence[int], values: list[Any]) -> None:
+        self._ready.append((indices, values))
+        self._ready_count += len(values)
+
+    # -- output side ----------------------------------------------------------------
+
+    def pop_ready(self) -> list[tuple[Sequence[int], list[Any]]]:
+        """Return the results ready to hand back, as ``(indices, results)`` chunks.
+
+        Chunks come in the order to hand them back (input order when ``ordered``). With
+        ``collect``, each result is an :class:`Outcome`. Results travel in chunks, not one
+        by one, because per-item overhead in the caller dominates trivial tasks.
+
+        Raises:
+            BaseException: the first task failure, when errors are not collected.
+        """
+        if self.error is not None:
+            raise self.error
+        if not self._ready:
+            return []
+        ready = list(self._ready)
+        self._ready.clear()
+        self._outstanding -= self._ready_count
+        self._ready_count = 0
+        return ready
+
+    @property
+    def outstanding(self) -> int:
+        """Tasks pulled from the input and not yet handed back."""
+        return self._outstanding
+
+    @property
+    def finished(self) -> bool:
+        """Whether every item has been pulled, run and handed back."""
+        return self._input_done and self._outstanding == 0 and not self._ready
+
+    @property
+    def in_flight(self) -> int:
+        """Batches submitted and not yet reported."""
+        return self._in_flight

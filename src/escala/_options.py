@@ -1,0 +1,217 @@
+"""Typed, frozen option objects: what a caller asks for, checked once at the door."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypedDict, get_args
+
+__all__ = [
+    "MODES",
+    "CallOptions",
+    "ErrorPolicy",
+    "Mode",
+    "Options",
+    "Retry",
+    "RunOptions",
+    "StartMethod",
+    "WorkerOptions",
+]
+
+Mode = Literal["sequential", "threads", "processes", "async"]
+ErrorPolicy = Literal["raise", "collect"]
+StartMethod = Literal["fork", "forkserver", "spawn"]
+
+MODES: tuple[str, ...] = get_args(Mode)
+_PLANNED = {
+    "auto": "mode='auto' (measure the work and choose) is not available yet; "
+    "choose one of {modes} for now",
+    "ray": "mode='ray' is not available yet; choose one of {modes}",
+    "dask": "mode='dask' is not available yet; choose one of {modes}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """When and how often to run a failed task again.
+
+    Delays grow exponentially (``backoff * 2**n``, capped at ``max_backoff``); with
+    ``jitter`` each delay is drawn uniformly from ``[0, delay]`` ("full jitter"), so that
+    many tasks failing together do not all come back at the same instant.
+
+    Args:
+        attempts: how many times a failed task may run again (0 = never).
+        on: the exception types worth retrying. A task whose argument cannot be sent to a
+            worker (:class:`~escala.SendError`) is never retried: it would fail again.
+        backoff: the first delay, in seconds.
+        max_backoff: the longest delay, in seconds.
+        jitter: draw each delay at random below its ceiling.
+    """
+
+    attempts: int = 0
+    on: tuple[type[BaseException], ...] = (Exception,)
+    backoff: float = 0.1
+    max_backoff: float = 30.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(f"retries must be an int, got {self.attempts!r}")
+        if self.attempts < 0:
+            raise ValueError(f"retries must be 0 or more, got {self.attempts}")
+        on = self.on if isinstance(self.on, tuple) else (self.on,)
+        for exc_type in on:
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise TypeError(f"Retry(on=...) takes exception types, got {exc_type!r}")
+        object.__setattr__(self, "on", on)
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"Retry({name}=...) must be a finite number >= 0, got {value!r}")
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Return the pause before retry number ``attempt`` (1 for the first retry)."""
+        ceiling = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
+        return ceiling * rand() if self.jitter else ceiling
+
+    def should_retry(self, error: BaseException, attempts_made: int) -> bool:
+        """Say whether a task that failed with ``error`` after ``attempts_made`` runs goes again."""
+        from ._errors import SendError
+
+        if attempts_made > self.attempts or isinstance(error, SendError):
+            return False
+        return isinstance(error, self.on)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Everything that shapes a run, validated once.
+
+    Args:
+        mode: the execution model; ``None`` picks threads for plain functions and async for
+            coroutine functions (``"auto"`` will take this place when it exists).
+        workers: how many tasks run at once; ``None`` means the usable cores for processes,
+            ``min(32, cores + 4)`` for threads and 100 for async.
+        batch: tasks sent to a worker at once; ``"auto"`` sizes batches from measured batch
+            time in processes mode and sends single tasks elsewhere.
+        timeout: seconds one task may run before it fails with :class:`~escala.TaskTimeout`.
+        retries: a :class:`Retry` policy.
+        errors: ``"raise"`` raises the first failure and cancels the rest; ``"collect"``
+            returns an :class:`~escala.Outcome` for every item and keeps going.
+        ordered: yield results in input order (``True``) or as they complete.
+        progress: show a progress bar on stderr; a string also names the bar.
+        initializer: called once in each worker before its first task.
+        initargs: arguments for ``initializer``.
+        start_method: how worker processes start (processes mode); ``None`` is ``"fork"``
+            on Linux and ``"spawn"`` elsewhere.
+        window: most tasks pulled from the input and not yet handed back to the caller;
+            ``None`` is ``2 × workers × batch``.
+    """
+
+    mode: Mode | None = None
+    workers: int | None = None
+    batch: int | Literal["auto"] = "auto"
+    timeout: float | None = None
+    retries: Retry = field(default_factory=Retry)
+    errors: ErrorPolicy = "raise"
+    ordered: bool = True
+    progress: bool | str = False
+    initializer: Callable[..., Any] | None = None
+    initargs: tuple[Any, ...] = ()
+    start_method: StartMethod | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            modes = ", ".join(repr(m) for m in MODES)
+            hint = _PLANNED.get(str(self.mode), "choose one of {modes}").format(modes=modes)
+            raise ValueError(f"unknown mode {self.mode!r}: {hint}")
+        _positive_int("workers", self.workers)
+        if self.batch != "auto":
+            _positive_int("batch", self.batch)
+        if self.timeout is not None and not (
+            isinstance(self.timeout, int | float)
+            and not isinstance(self.timeout, bool)
+            and self.timeout > 0
+            and math.isfinite(self.timeout)
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not isinstance(self.retries, Retry):
+            raise TypeError(f"retries must be an int or escala.Retry, got {self.retries!r}")
+        if self.errors not in ("raise", "collect"):
+            raise ValueError(f"errors must be 'raise' or 'collect', got {self.errors!r}")
+        if self.initializer is not None and not callable(self.initializer):
+            raise TypeError(f"initializer must be callable, got {self.initializer!r}")
+        if not isinstance(self.initargs, tuple):
+            raise TypeError(f"initargs must be a tuple, got {type(self.initargs).__name__}")
+        if self.start_method not in (None, "fork", "forkserver", "spawn"):
+            raise ValueError(
+                f"start_method must be 'fork', 'forkserver' or 'spawn', got {self.start_method!r}"
+            )
+        _positive_int("window", self.window)
+
+    @classmethod
+    def build(cls, base: Options | None = None, **given: Any) -> Options:
+        """Return ``base`` (or the defaults) with the explicitly given keywords applied.
+
+        ``retries`` may be given as an int and becomes ``Retry(attempts=n)``.
+        """
+        given = {k: v for k, v in given.items() if v is not _UNSET}
+        unknown = sorted(set(given) - set(cls.__dataclass_fields__))
+        if unknown:
+            import difflib
+
+            name = unknown[0]
+            close = difflib.get_close_matches(name, cls.__dataclass_fields__, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown option {name!r}{hint}")
+        retries = given.get("retries")
+        if retries is not None and not isinstance(retries, Retry):
+            given["retries"] = Retry(attempts=retries)
+        return replace(base, **given) if base is not None else cls(**given)
+
+
+class _Unset:
+    """Marks a keyword the caller did not pass, so a Pool's defaults show through."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+def _positive_int(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be 1 or more, got {value}")
+
+
+class CallOptions(TypedDict, total=False):
+    """Keyword options that may change from one call to the next (see :class:`Options`)."""
+
+    batch: int | Literal["auto"]
+    timeout: float | None
+    retries: int | Retry
+    progress: bool | str
+    window: int | None
+
+
+class WorkerOptions(CallOptions, total=False):
+    """Keyword options that also shape the workers: fixed once a pool exists."""
+
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...]
+    start_method: StartMethod | None
+
+
+class RunOptions(WorkerOptions, total=False):
+    """Keyword options of the one-shot entry points (``map``, ``imap``, ``amap``)."""
+
+    mode: Mode | None
+    workers: int | None

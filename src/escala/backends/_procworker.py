@@ -1,0 +1,150 @@
+"""The code that runs inside each worker process of processes mode.
+
+Kept apart from :mod:`escala.backends.processes` so that a worker imports as little as
+possible: this module, the pickling helpers and the user's function.
+
+A worker talks to its parent over one duplex pipe, in typed messages (:class:`Msg`):
+
+    parent                                   worker
+      │ ── RUN (batch id, fn, items) ────────▶ │  runs the tasks in order, writing the
+      │                                        │  current (batch, position, start time)
+      │ ◀──────────── DONE (values, errors) ── │  into a shared-memory slot before each
+      │ ── STOP ─────────────────────────────▶ │  exits                           task
+      │ ◀─────── READY / INIT_FAILED (once) ── │  after the initializer, at start-up
+
+The slot lets the parent see which task a worker is on without any message: it times out
+that task, and blames it when the worker dies.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = ["Msg", "WorkerSetup", "worker_main"]
+
+# Slot layout: two doubles. SLOT_TASK holds ``batch_id * POS_SPAN + position`` of the task
+# running now; SLOT_START its start time (``time.monotonic``, the same clock system-wide),
+# written first, and only for batches with a timeout. WorkerContext.run_batch writes them.
+SLOT_TASK, SLOT_START = 0, 1
+POS_SPAN = 1 << 16  # batches never hold more tasks than this (BatchSizer.CAP is smaller)
+
+#: How often a worker checks that its parent is still alive (seconds).
+ORPHAN_CHECK = 0.25
+
+
+class Msg(enum.IntEnum):
+    """Message kinds on a worker's pipe."""
+
+    READY = 1  # worker -> parent: initialized, waiting for work
+    INIT_FAILED = 2  # worker -> parent: the initializer raised (payload: Failure)
+    RUN = 3  # parent -> worker: (batch id, fn id, fn bytes, apply, forget, timed, indices, items)
+    DONE = 4  # worker -> parent: (batch id, values bytes, failures, busy seconds, load error)
+    STOP = 5  # parent -> worker: exit now
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """What a worker needs to start, sent once when it is created."""
+
+    parent_pid: int
+    native_threads: int
+    initializer: bytes | None  # cloudpickled (initializer, initargs)
+
+
+def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
+    """Serve batches from the parent until told to stop or the parent is gone."""
+    # Own process group: the parent can kill this worker together with anything its task
+    # started, and a Ctrl-C in the terminal goes to the parent alone, which then stops us.
+    try:
+        os.setpgid(0, 0)
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(setup.parent_pid)
+
+    from .._calls import WorkerContext
+    from .._cpu import cap_native_threads
+    from .._pickling import dump_exception, dump_values, dumps, loads
+
+    cap_native_threads(setup.native_threads)
+    where = f"worker process {os.getpid()}"
+    ctx = WorkerContext()
+    try:
+        if setup.initializer is not None:
+            initializer, initargs = loads(setup.initializer)
+            ctx = WorkerContext(initializer, initargs)
+        ctx.enter()
+        ctx.initialize()
+    except Exception as exc:
+        conn.send_bytes(dumps((Msg.INIT_FAILED, dump_exception(exc, where))))
+        return
+    conn.send_bytes(dumps((Msg.READY,)))
+
+    from .base import Batch, Call
+
+    functions: dict[int, Callable[..., Any]] = {}
+
+    cells = memoryview(slot).cast("B").cast("d")  # faster to write than the ctypes array
+
+    while True:
+        try:
+            message = loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break  # the parent closed the pipe: nothing more to do
+        if message[0] != Msg.RUN:
+            break
+        _, batch_id, fn_id, fn_bytes, apply, forget, timed, indices, items_bytes = message
+        if forget:
+            functions.clear()
+        try:
+            if fn_bytes is not None:
+                functions[fn_id] = loads(fn_bytes)
+            items = loads(items_bytes)
+        except BaseException as exc:
+            failure = dump_exception(exc, where)
+            conn.send_bytes(dumps((Msg.DONE, batch_id, None, None, 0.0, failure)))
+            continue
+        batch = Batch(Call(functions[fn_id], apply), indices, items, id=batch_id)
+        values, errors, busy = ctx.run_batch(
+            batch, slot=cells, slot_base=float(batch_id * POS_SPAN), timed=timed
+        )
+        failures = (
+            {pos: dump_exception(exc, where) for pos, exc in errors.items()} if errors else None
+        )
+        values_bytes, bad = dump_values(values, "result", lambda pos: f"task #{indices[pos]}")
+        if bad:
+            failures = {**(failures or {}), **bad}
+        conn.send_bytes(dumps((Msg.DONE, batch_id, values_bytes, failures, busy, None)))
+    ctx.close()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit, with everything this worker started, if the parent dies.
+
+    Workers sit in their own process group, so nothing kills them with the parent; and a
+    worker deep in a long task never reads its pipe, so it would not notice the parent
+    going. A daemon thread checks ``getppid`` a few times a second.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(ORPHAN_CHECK)
+        try:
+            os.killpg(0, signal.SIGKILL)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="escala-orphan-watch", daemon=True).start()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("this module is started by escala, not run directly")

@@ -1,0 +1,507 @@
+"""Processes mode: worker processes, for CPU-bound Python that holds the GIL.
+
+Why not ``multiprocessing.Pool`` or ``ProcessPoolExecutor``: neither can stop one runaway
+task (a timeout there leaves the worker running), and neither says which task a dead
+worker was running. Both need the parent to know, at any instant, which task each worker
+is on. So each worker here has its own pipe and a two-number shared-memory slot, and one
+manager thread in the parent watches them all::
+
+    caller threads                manager thread ("escala-manager")            workers
+    ──────────────                ─────────────────────────────────            ───────
+    submit(batch):                wait on: wake pipe, every worker's pipe,
+      pickle items (errors          every worker's exit sentinel, and the
+      name the item) ──▶ pending    earliest task deadline
+      deque ── wake ──▶           dispatch: pending batch ──▶ an idle worker ──pipe──▶ run
+                                  DONE on a pipe ──▶ unpickle ──▶ sink(Done) ◀──pipe── reply
+                                  sentinel fired ──▶ read the slot: blame the task
+                                      running, mark the rest lost, start a new worker
+                                  deadline passed ──▶ kill the worker's process group
+
+Each worker leads its own process group, so a timeout kills whatever the task started too,
+and Ctrl-C reaches only the parent, which then stops the workers itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import multiprocessing.util
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._cpu import usable_cpus
+from .._errors import (
+    BrokenWorker,
+    EscalaError,
+    PoolClosed,
+    RemoteTraceback,
+    SendError,
+    TaskTimeout,
+    WorkerDied,
+    describe_exit,
+)
+from .._pickling import dump_function, dump_values, dumps, loads
+from ._procworker import POS_SPAN, SLOT_START, SLOT_TASK, Msg, WorkerSetup, worker_main
+from .base import Batch, Done, Failure, Sink
+
+__all__ = ["ProcessBackend"]
+
+#: Distinct functions kept pickled (and cached in workers) before the caches are reset.
+FUNCTION_CACHE = 256
+#: Seconds a worker gets to exit after SIGTERM before SIGKILL, when a run is cancelled.
+TERM_GRACE = 0.3
+#: Seconds to wait for an idle worker to exit after STOP before killing it.
+STOP_GRACE = 5.0
+
+
+@dataclass(eq=False)
+class _Job:
+    batch: Batch
+    sink: Sink
+    fn_id: int
+    fn_bytes: bytes
+    items: bytes
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: Any  # multiprocessing.process.BaseProcess
+    conn: mpc.Connection
+    cells: Any  # memoryview of doubles over the slot
+    slot: Any
+    ready: bool = False
+    job: _Job | None = None
+    sent_at: float = 0.0
+    functions: set[int] = field(default_factory=set)
+    forget: bool = False
+    killed_for: tuple[int, float] | None = None  # (position, timeout) when timed out
+
+
+_live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop pools the program forgot to close, so interpreter exit does not hang on them."""
+    for backend in list(_live):
+        backend.shutdown(cancel=True)
+
+
+class ProcessBackend:
+    """Run batches in ``workers`` worker processes.
+
+    Args:
+        workers: how many worker processes.
+        initializer: run once in each worker before its first task.
+        initargs: its arguments.
+        start_method: ``"fork"``, ``"forkserver"`` or ``"spawn"``; ``None`` is fork on
+            Linux (fast, and functions from ``__main__`` need no re-import) and spawn
+            elsewhere.
+    """
+
+    batches_pay = True
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        start_method: str | None = None,
+        **_: Any,
+    ) -> None:
+        self.workers = workers
+        method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+        self._ctx: Any = mp.get_context(method)
+        if method == "forkserver":
+            self._ctx.set_forkserver_preload(["escala.backends._procworker"])
+        self._initializer = (
+            dump_function((initializer, initargs)) if initializer is not None else None
+        )
+        self._setup = WorkerSetup(
+            parent_pid=os.getpid(),
+            native_threads=max(1, usable_cpus() // workers),
+            initializer=self._initializer,
+        )
+        self._lock = threading.Lock()
+        self._pending: deque[_Job] = deque()
+        self._procs: list[_Worker] = []
+        self._functions: dict[int, tuple[Callable[..., Any], int, bytes]] = {}
+        self._next_fn_id = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._manager: threading.Thread | None = None
+        self._closing = False
+        self._cancel = False
+        self._broken: BaseException | None = None
+        self._early_deaths = 0
+        self.restarts = 0
+
+    # -- caller side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.workers):
+            self._procs.append(self._spawn())
+        self._manager = threading.Thread(target=self._manage, name="escala-manager", daemon=True)
+        self._manager.start()
+        _live.add(self)
+
+    def submit(self, batch: Batch, sink: Sink) -> None:
+        if self._closing:
+            raise PoolClosed("this pool is shut down; create a new one")
+        fn_id, fn_bytes = self._function(batch.call.fn)
+        items, bad = dump_values(batch.items, "argument", lambda pos: f"task #{batch.indices[pos]}")
+        if bad:
+            # Report the items that cannot be sent; the scheduler sends the others again.
+            lost = [pos for pos in range(len(batch.items)) if pos not in bad]
+            sink(Done(batch, [None] * len(batch.items), bad, lost))
+            return
+        with self._lock:
+            if self._broken is not None:
+                broken = self._broken
+            else:
+                self._pending.append(_Job(batch, sink, fn_id, fn_bytes, items))
+                broken = None
+        if broken is not None:
+            _fail_all(batch, sink, broken)
+            return
+        self._wake()
+
+    def _function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
+        with self._lock:
+            known = self._functions.get(id(fn))
+            if known is not None and known[0] is fn:
+                return known[1], known[2]
+        data = dump_function(fn)
+        with self._lock:
+            if len(self._functions) >= FUNCTION_CACHE:
+                self._functions.clear()
+                for proc in self._procs:
+                    proc.functions.clear()
+                    proc.forget = True
+            self._next_fn_id += 1
+            self._functions[id(fn)] = (fn, self._next_fn_id, data)
+            return self._next_fn_id, data
+
+    def cancel(self, sink: Sink) -> None:
+        with self._lock:
+            kept = [job for job in self._pending if job.sink is not sink]
+            self._pending.clear()
+            self._pending.extend(kept)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        with self._lock:
+            if self._closing and not (cancel and not self._cancel):
+                already = True
+            else:
+                already = False
+                self._closing = True
+                self._cancel = self._cancel or cancel
+        self._wake()
+        if self._manager is not None and self._manager is not threading.current_thread():
+            self._manager.join()
+        if not already:
+            _live.discard(self)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is already pending) or closed
+
+    # -- worker processes -----------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        slot = self._ctx.RawArray("d", 2)
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(child_conn, slot, self._setup),
+            name="escala-worker",
+            daemon=False,  # daemonic processes may not start children; tasks may need to
+        )
+        process.start()
+        child_conn.close()
+        return _Worker(process, parent_conn, memoryview(slot).cast("B").cast("d"), slot)
+
+    def _kill(self, proc: _Worker, sig: int = signal.SIGKILL) -> None:
+        pid = proc.process.pid
+        try:
+            os.killpg(pid, sig)  # the worker leads its own group: take its children too
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)  # it died, or had not yet made its own group
+            except ProcessLookupError:
+                pass
+
+    # -- manager thread -------------------------------------------------------------
+
+    def _manage(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            error = EscalaError(f"escala's process manager failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._break(error)
+        finally:
+            self._stop_workers()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _serve(self) -> None:
+        while True:
+            self._dispatch()
+            with self._lock:
+                busy = bool(self._pending) or any(p.job for p in self._procs)
+                if self._closing and (self._cancel or not busy or self._broken is not None):
+                    return
+            deadline = self._next_deadline()
+            wait_for = None if deadline is None else max(0.0, deadline - time.monotonic())
+            by_key: dict[Any, _Worker] = {}
+            for proc in self._procs:
+                by_key[proc.conn] = proc
+                by_key[proc.process.sentinel] = proc
+            ready = mpc.wait([self._wake_r, *by_key], wait_for)
+            dead: list[_Worker] = []
+            for key in ready:
+                if key == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                proc = by_key[key]
+                if key is proc.conn:
+                    if not self._receive(proc):
+                        dead.append(proc)
+                elif proc not in dead:
+                    dead.append(proc)
+            for proc in dead:
+                self._died(proc)
+            self._enforce_timeouts()
+
+    def _dispatch(self) -> None:
+        for proc in self._procs:
+            if not proc.ready or proc.job is not None:
+                continue
+            with self._lock:
+                if not self._pending:
+                    return
+                job = self._pending.popleft()
+                forget, proc.forget = proc.forget, False
+                known = job.fn_id in proc.functions
+                proc.functions.add(job.fn_id)
+            batch = job.batch
+            message = dumps(
+                (
+                    Msg.RUN,
+                    batch.id,
+                    job.fn_id,
+                    None if known else job.fn_bytes,
+                    batch.call.apply,
+                    forget,
+                    batch.timeout is not None,
+                    batch.indices,
+                    job.items,
+                )
+            )
+            proc.job, proc.sent_at = job, time.monotonic()
+            try:
+                proc.conn.send_bytes(message)
+            except OSError:
+                pass  # it died: its sentinel fires next, and the batch is handled there
+
+    def _receive(self, proc: _Worker) -> bool:
+        """Handle one message from a worker; return False if the worker is gone."""
+        try:
+            message = loads(proc.conn.recv_bytes())
+        except (EOFError, OSError):
+            return False
+        kind = message[0]
+        if kind == Msg.READY:
+            proc.ready = True
+            self._early_deaths = 0
+        elif kind == Msg.INIT_FAILED:
+            failure: Failure = message[1]
+            error = BrokenWorker(
+                f"the initializer failed in a worker process: {failure.type_name}: "
+                f"{failure.message}"
+            )
+            error.__cause__ = RemoteTraceback(failure.traceback)
+            self._break(error)
+        elif kind == Msg.DONE:
+            self._finished(proc, message)
+        return True
+
+    def _finished(self, proc: _Worker, message: tuple[Any, ...]) -> None:
+        _, _batch_id, values_bytes, failures, busy, load_error = message
+        job, proc.job = proc.job, None
+        if job is None:  # pragma: no cover - a reply nobody asked for
+            return
+        batch = job.batch
+        if load_error is not None:
+            self._unloadable(job, load_error, "could not be loaded in the worker process")
+            return
+        try:
+            values = loads(values_bytes)
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            failure = Failure(type_name=type(exc).__name__, message=str(exc), traceback=text)
+            self._unloadable(job, failure, "could not be rebuilt in the caller", result=True)
+            return
+        job.sink(Done(batch, values, failures, busy=busy))
+
+    def _unloadable(self, job: _Job, failure: Failure, why: str, result: bool = False) -> None:
+        """A batch failed as a whole: find the culprit alone, or blame the single task."""
+        batch = job.batch
+        if len(batch.items) > 1:
+            job.sink(
+                Done(
+                    batch, [None] * len(batch.items), lost=list(range(len(batch.items))), split=True
+                )
+            )
+            return
+        what = "result" if result else "argument (or function)"
+        error = SendError(
+            f"the {what} of task #{batch.indices[0]} {why}: {failure.type_name}: "
+            f"{failure.message}. Everything a task takes and returns must be importable "
+            "by the same name in the worker and in the caller.",
+            index=batch.indices[0],
+        )
+        error.__cause__ = RemoteTraceback(failure.traceback)
+        job.sink(Done(batch, [None], {0: Failure(error=error)}))
+
+    def _current(self, proc: _Worker) -> tuple[int | None, float]:
+        """Return the position and start time of the task a worker is on, if it started."""
+        cells = proc.cells
+        while True:
+            task, start = cells[SLOT_TASK], cells[SLOT_START]
+            if cells[SLOT_TASK] == task:
+                break
+        batch_id, pos = divmod(int(task), POS_SPAN)
+        if proc.job is None or batch_id != proc.job.batch.id:
+            return None, proc.sent_at
+        return pos, start
+
+    def _next_deadline(self) -> float | None:
+        deadline: float | None = None
+        for proc in self._procs:
+            if proc.job is None or proc.job.batch.timeout is None or proc.killed_for:
+                continue
+            _, start = self._current(proc)
+            due = max(start, proc.sent_at) + proc.job.batch.timeout
+            deadline = due if deadline is None else min(deadline, due)
+        return deadline
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for proc in self._procs:
+            job = proc.job
+            if job is None or job.batch.timeout is None or proc.killed_for:
+                continue
+            pos, start = self._current(proc)
+            if max(start, proc.sent_at) + job.batch.timeout <= now:
+                proc.killed_for = (pos if pos is not None else 0, job.batch.timeout)
+                self._kill(proc)
+
+    def _died(self, proc: _Worker) -> None:
+        """A worker exited: account for its batch, then start another in its place."""
+        proc.process.join(STOP_GRACE)
+        exitcode = proc.process.exitcode
+        self._procs.remove(proc)
+        proc.conn.close()
+        job = proc.job
+        if job is not None:
+            self._report_death(proc, job, exitcode)
+        if not proc.ready:
+            self._early_deaths += 1
+            if self._early_deaths > 2 * self.workers + 2:
+                self._break(
+                    BrokenWorker(
+                        f"worker processes keep dying before their first task: the last "
+                        f"{describe_exit(exitcode)}"
+                    )
+                )
+        if not self._closing and self._broken is None:
+            self._procs.append(self._spawn())
+            self.restarts += 1
+
+    def _report_death(self, proc: _Worker, job: _Job, exitcode: int | None) -> None:
+        batch = job.batch
+        size = len(batch.items)
+        pos, _ = self._current(proc)
+        if proc.killed_for is not None:
+            pos, timeout = proc.killed_for
+            index = batch.indices[pos]
+            error: BaseException = TaskTimeout(
+                f"task #{index} ran past its {timeout:g}s timeout; its worker process "
+                f"{proc.process.pid} was killed with its process group and replaced",
+                index=index,
+                timeout=timeout,
+                stopped=True,
+            )
+        elif pos is None and size > 1:
+            # It died before its first task (loading the batch): find the culprit alone.
+            job.sink(Done(batch, [None] * size, lost=list(range(size)), split=True))
+            return
+        else:
+            pos = pos or 0
+            index = batch.indices[pos]
+            error = WorkerDied(
+                f"the worker process {proc.process.pid} running task #{index} "
+                f"{describe_exit(exitcode)}",
+                index=index,
+                exitcode=exitcode,
+                pid=proc.process.pid,
+            )
+        lost = [p for p in range(size) if p != pos]
+        job.sink(Done(batch, [None] * size, {pos: Failure(error=error)}, lost))
+
+    def _break(self, error: BaseException) -> None:
+        """Fail everything queued and running: the workers cannot work."""
+        with self._lock:
+            if self._broken is not None:
+                return
+            self._broken = error
+            jobs = list(self._pending)
+            self._pending.clear()
+        for proc in self._procs:
+            if proc.job is not None:
+                jobs.append(proc.job)
+                proc.job = None
+        for job in jobs:
+            _fail_all(job.batch, job.sink, error)
+
+    def _stop_workers(self) -> None:
+        """Stop every worker: politely when idle, by signal when cancelling or stuck."""
+        procs, self._procs = self._procs, []
+        if self._cancel or self._broken is not None:
+            for proc in procs:
+                self._kill(proc, signal.SIGTERM)
+            deadline = time.monotonic() + TERM_GRACE
+        else:
+            for proc in procs:
+                try:
+                    proc.conn.send_bytes(dumps((Msg.STOP,)))
+                except OSError:
+                    pass
+            deadline = time.monotonic() + STOP_GRACE
+        for proc in procs:
+            proc.process.join(max(0.0, deadline - time.monotonic()))
+            if proc.process.exitcode is None:
+                self._kill(proc)
+                proc.process.join()
+            proc.conn.close()
+            if proc.job is not None and not self._cancel:
+                _fail_all(proc.job.batch, proc.job.sink, PoolClosed("the pool was shut down"))
+
+
+def _fail_all(batch: Batch, sink: Sink, error: BaseException) -> None:
+    failure = Failure(error=error)
+    sink(Done(batch, [None] * len(batch.items), dict.fromkeys(range(len(batch.items)), failure)))
