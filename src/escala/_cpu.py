@@ -59,18 +59,25 @@ def usable_cpus(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
     return max(1, count)
 
 
-def cgroup_cpu_quota(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> float | None:
+def cgroup_cpu_quota(
+    root: str | os.PathLike[str] = "/sys/fs/cgroup",
+    self_cgroup: str | os.PathLike[str] = "/proc/self/cgroup",
+) -> float | None:
     """Return the CPU quota of this process's cgroup in CPUs, or ``None`` if unlimited.
 
     Reads cgroup v2 (``cpu.max`` at the process's cgroup and each ancestor, the tightest
     winning) or, failing that, cgroup v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``).
     Any file that is missing or unreadable counts as "no limit there".
+
+    Args:
+        root: where the cgroup file system is mounted.
+        self_cgroup: the file naming this process's cgroups.
     """
     if not sys.platform.startswith("linux"):
         return None
     base = Path(root)
     limits: list[float] = []
-    for directory in _v2_dirs(base):
+    for directory in _v2_dirs(base, Path(self_cgroup)):
         text = _read(directory / "cpu.max")
         if text:
             quota, _, period = text.partition(" ")
@@ -86,9 +93,9 @@ def cgroup_cpu_quota(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> float |
     return min(limits) if limits else None
 
 
-def _v2_dirs(base: Path) -> list[Path]:
+def _v2_dirs(base: Path, self_cgroup: Path) -> list[Path]:
     """Return the cgroup v2 directories from this process's cgroup up to the root."""
-    text = _read(Path("/proc/self/cgroup"))
+    text = _read(self_cgroup)
     rel = ""
     for line in (text or "").splitlines():
         if line.startswith("0::"):

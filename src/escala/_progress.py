@@ -45,6 +45,10 @@ class Progress:
             TimeRemainingColumn(),
             console=Console(stderr=True),
             refresh_per_second=8,
+            # rich would otherwise capture the program's own prints and send them to
+            # stderr with the bar: a caller's stdout must stay exactly its own
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self._task = self._bar.add_task(description, total=total)
         self._bar.start()

@@ -132,11 +132,23 @@ def _watch_parent(parent_pid: int) -> None:
 
     Workers sit in their own process group, so nothing kills them with the parent; and a
     worker deep in a long task never reads its pipe, so it would not notice the parent
-    going. A daemon thread checks ``getppid`` a few times a second.
+    going. A daemon thread checks a few times a second that the process that started it
+    is still its parent (under forkserver that is the fork server, which itself exits
+    with the parent) and that the pool's owner is still alive.
     """
+    first_parent = os.getppid()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover - exists, owned by someone else
+            return True
+        return True
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == first_parent and alive(parent_pid):
             time.sleep(ORPHAN_CHECK)
         try:
             os.killpg(0, signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""Ctrl-C: a real SIGINT to a real Python process running a map, in every mode.
+
+The child prints the pid of each worker process and the names of its threads as tasks
+start, then the tasks block. The test waits for those lines (no sleeping), sends SIGINT,
+and checks that KeyboardInterrupt reached the child's main code promptly and that every
+worker process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+CHILD = textwrap.dedent(
+    r"""
+    import asyncio, os, sys, threading, time
+    import escala
+
+    MODE = sys.argv[1]
+
+    def report():
+        # one write per line: print() from several threads can interleave its pieces
+        sys.stdout.write(f"started {os.getpid()} {threading.current_thread().name}\n")
+        sys.stdout.flush()
+
+    def block(x):
+        report()
+        time.sleep(3600)
+
+    async def ablock(x):
+        report()
+        await asyncio.sleep(3600)
+
+    try:
+        escala.map(ablock if MODE == "async" else block, range(4), mode=MODE, workers=2)
+    except KeyboardInterrupt:
+        print(f"interrupted {time.monotonic()}", flush=True)
+        print(f"threads {sorted(t.name for t in threading.enumerate())}", flush=True)
+        sys.exit(42)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["sequential", "threads", "processes", "async"])
+def test_ctrl_c_reaches_the_caller_and_leaves_nothing(how: str) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        expected = 1 if how == "sequential" else 2
+        started = [child.stdout.readline() for _ in range(expected)]
+        assert all(line.startswith("started") for line in started), started
+        worker_pids = {int(line.split()[1]) for line in started} - {child.pid}
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 42, err
+    interrupted = float(out.split("interrupted ")[1].split()[0])
+    # "within about a second": generous here so a slow machine cannot fail it
+    assert interrupted - sent < 10
+    threads_line = next(line for line in out.splitlines() if line.startswith("threads"))
+    if how in ("processes", "async"):
+        assert "escala-" not in threads_line  # the manager / loop thread stopped
+    for pid in worker_pids:
+        assert not _alive(pid), f"worker {pid} outlived Ctrl-C"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
