@@ -86,9 +86,14 @@ def test_leaving_with_an_error_cancels_queued_work(tmp_path: pathlib.Path) -> No
         return x
 
     futures: list[concurrent.futures.Future[int]] = []
-    with pytest.raises(RuntimeError, match="stop"), escala.Pool("processes", workers=1) as pool:
-        futures = [pool.submit(slow, i) for i in range(20)]
-        raise RuntimeError("stop")
+
+    def submit_then_fail() -> None:
+        with escala.Pool("processes", workers=1) as pool:
+            futures.extend(pool.submit(slow, i) for i in range(20))
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        submit_then_fail()
     assert all(f.done() for f in futures)
     assert sum(f.cancelled() for f in futures) >= 15
 

@@ -237,7 +237,7 @@ def imap(
         options: an :class:`Options` to start from.
         **kwargs: as for :func:`map`.
     """
-    opts = Options.build(options, errors=errors, ordered=ordered, **kwargs)
+    opts = Options.build(options, errors=errors, **kwargs)
     _check(fn, items)
     return _values(_run(fn, items, opts, ordered=ordered))
 
@@ -292,8 +292,9 @@ async def amap(
         options: an :class:`Options` to start from.
         **kwargs: as for :func:`map`.
     """
+    opts = _async_options(fn, items, limit, errors, options, kwargs)
     results: list[Any] = []
-    async for chunk in _arun(fn, items, limit, errors, options, kwargs, ordered=False):
+    async for chunk in _arun(fn, items, opts, ordered=False):
         _place(results, chunk)
     return results
 
@@ -309,36 +310,47 @@ def aimap(
     options: Options | None = None,
     **kwargs: Unpack[RunOptions],
 ) -> AsyncIterator[Any]:
-    """The streaming form of :func:`amap`: ``async for result in escala.aimap(...)``."""
+    """The streaming form of :func:`amap`: ``async for result in escala.aimap(...)``.
+
+    Breaking out of the loop and closing the iterator (``await it.aclose()``, or leaving an
+    ``async with contextlib.aclosing(...)`` block) cancels what is left.
+    """
+    opts = _async_options(fn, items, limit, errors, options, kwargs)
 
     async def results() -> AsyncIterator[Any]:
-        async for _, values in _arun(fn, items, limit, errors, options, kwargs, ordered=ordered):
+        async for _, values in _arun(fn, items, opts, ordered=ordered):
             for value in values:
                 yield value
 
-    if limit is not None:
-        kwargs["workers"] = limit
-    Options.build(options, errors=errors, **kwargs)  # report bad options at the call
-    _check(fn, items, allow_async_items=True)
     return results()
+
+
+def _async_options(
+    fn: object,
+    items: object,
+    limit: int | None,
+    errors: ErrorPolicy,
+    options: Options | None,
+    kwargs: RunOptions,
+) -> Options:
+    """Validate the arguments of ``amap``/``aimap``; ``limit`` is another name for workers."""
+    given: dict[str, Any] = dict(kwargs)
+    if limit is not None:
+        if given.get("workers") not in (None, limit):
+            raise TypeError("give limit or workers, not both: they are the same setting")
+        given["workers"] = limit
+    opts = Options.build(options, errors=errors, **given)
+    _check(fn, items, allow_async_items=True)
+    return opts
 
 
 async def _arun(
     fn: Callable[..., Any],
     items: Iterable[Any] | AsyncIterable[Any],
-    limit: int | None,
-    errors: ErrorPolicy,
-    options: Options | None,
-    kwargs: RunOptions,
+    opts: Options,
     *,
     ordered: bool,
 ) -> AsyncIterator[Chunk]:
-    if limit is not None:
-        if kwargs.get("workers") not in (None, limit):
-            raise TypeError("give limit or workers, not both: they are the same setting")
-        kwargs["workers"] = limit
-    opts = Options.build(options, errors=errors, **kwargs)
-    _check(fn, items, allow_async_items=True)
     plan = _plan(fn, opts)
     extra: dict[str, Any] = {}
     if plan.engine == "async":
@@ -348,7 +360,11 @@ async def _arun(
     backend = _backend(plan, opts, **extra)
     sched = _scheduler(Call(fn), backend, opts, items, ordered=ordered, plan=plan)
     backend.start()
-    progress = progress_for(opts.progress, plan.mode, _total(items))
+    try:
+        progress = progress_for(opts.progress, plan.mode, _total(items))
+    except BaseException:
+        backend.shutdown(cancel=True)
+        raise
     async for chunk in adrive(backend, sched, items, owned=True, progress=progress):
         yield chunk
 

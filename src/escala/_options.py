@@ -100,7 +100,6 @@ class Options:
         retries: a :class:`Retry` policy.
         errors: ``"raise"`` raises the first failure and cancels the rest; ``"collect"``
             returns an :class:`~escala.Outcome` for every item and keeps going.
-        ordered: yield results in input order (``True``) or as they complete.
         progress: show a progress bar on stderr; a string also names the bar.
         initializer: called once in each worker before its first task.
         initargs: arguments for ``initializer``.
@@ -116,7 +115,6 @@ class Options:
     timeout: float | None = None
     retries: Retry = field(default_factory=Retry)
     errors: ErrorPolicy = "raise"
-    ordered: bool = True
     progress: bool | str = False
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
