@@ -75,6 +75,16 @@ def test_a_death_inside_a_batch_spares_its_batch_mates() -> None:
     assert [o.ok for o in outcomes] == [x != 2 for x in range(10)]
 
 
+def test_a_death_loses_nothing_queued_behind_it() -> None:
+    """One worker, small batches: the next batch already waits in the worker's pipe when
+    the task dies; it must be sent again, not lost."""
+    outcomes = escala.map(
+        sigkill_self, range(24), mode="processes", workers=1, batch=3, errors="collect"
+    )
+    assert [o.ok for o in outcomes] == [x != 2 for x in range(24)]
+    assert [o.value for o in outcomes if o.ok] == [x for x in range(24) if x != 2]
+
+
 def test_a_task_that_killed_its_worker_is_retried(tmp_path: pathlib.Path) -> None:
     def die_once(x: int) -> int:
         marker = tmp_path / f"{x}"

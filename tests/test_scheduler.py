@@ -163,26 +163,38 @@ def test_split_sends_each_lost_task_alone() -> None:
 
 
 def test_sizer_grows_for_trivial_tasks_and_is_capped_by_the_input() -> None:
+    growth = BatchSizer.GROWTH
     sizer = BatchSizer(None, adaptive=True, workers=2, total=100_000)
     assert sizer.size == 1
     sizer.observe(1, 1e-6)
-    assert sizer.size == 8  # growth from one sample is limited
-    sizer.observe(8, 8e-6)
-    assert sizer.size == 64
+    assert sizer.size == growth  # growth from one sample is limited
+    sizer.observe(growth, growth * 1e-6)
+    assert sizer.size == growth**2
     for _ in range(5):
         sizer.observe(sizer.size, sizer.size * 1e-6)
     assert sizer.size == 12_500  # 100,000 / (4 × 2): every worker stays busy to the end
 
 
+def test_a_small_sample_does_not_shrink_batches_of_fast_tasks() -> None:
+    sizer = BatchSizer(None, adaptive=True, workers=2, total=None, start=4096)
+    sizer.observe(3, 3e-6)  # the last, partial batch of a run: fast, but only 3 tasks
+    assert sizer.size == 4096
+
+
 def test_sizer_keeps_long_tasks_single_and_shrinks() -> None:
+    growth = BatchSizer.GROWTH
     sizer = BatchSizer(None, adaptive=True, workers=2, total=None)
     sizer.observe(1, 0.25)
     assert sizer.size == 1
     sizer.observe(1, 1e-5)
-    sizer.observe(8, 8e-5)
-    assert sizer.size == 64
-    sizer.observe(64, 64 * 0.01)  # the tasks got slower: 2 per 20 ms batch
+    assert sizer.size == growth
+    sizer.observe(growth, growth * 0.01)  # the tasks got slower: 2 per 20 ms batch
     assert sizer.size == 2
+
+
+def test_a_pool_remembers_the_batch_size_between_runs() -> None:
+    sizer = BatchSizer(None, adaptive=True, workers=2, total=1000, start=4096)
+    assert sizer.size == 125  # the start is still capped by this run's input
 
 
 def test_fixed_batch_never_changes() -> None:

@@ -81,20 +81,32 @@ def _backend(plan: _Plan, options: Options, **extra: Any) -> Backend:
 
 
 def _scheduler(
-    call: Call, backend: Backend, options: Options, items: object, *, ordered: bool, plan: _Plan
+    call: Call,
+    backend: Backend,
+    options: Options,
+    items: object,
+    *,
+    ordered: bool,
+    plan: _Plan,
+    start: int = 1,
 ) -> Scheduler:
-    total = _total(items)
-    fixed = None if options.batch == "auto" else options.batch
+    sizer = BatchSizer(
+        None if options.batch == "auto" else options.batch,
+        adaptive=backend.batches_pay,
+        workers=backend.workers,
+        total=_total(items),
+        start=start,
+    )
     return Scheduler(
         call,
         workers=backend.workers,
-        sizer=BatchSizer(fixed, adaptive=backend.batches_pay, workers=backend.workers, total=total),
+        sizer=sizer,
         ordered=ordered,
         collect=options.errors == "collect",
         retry=options.retries,
         timeout=options.timeout,
         window=options.window,
-        lookahead=1 if plan.engine == "sequential" else 2,
+        lookahead=1 if plan.engine == "sequential" else (2 if ordered else 4),
     )
 
 
@@ -409,6 +421,10 @@ class Pool:
         self._lock = threading.Lock()
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._submitted = itertools.count()
+        # Batch size each function ended its last run with: the next run starts there
+        # instead of ramping up from one task again. Bounded; the functions are kept
+        # alive so that their ids stay theirs.
+        self._sizes: dict[int, tuple[Callable[..., Any], int]] = {}
         self._closed = False
         self._backend.start()
 
@@ -523,9 +539,27 @@ class Pool:
         opts = Options.build(self._options, errors=errors, **kwargs)
         _check(fn, items)
         backend = self._engine_for(fn)
-        sched = _scheduler(Call(fn), backend, opts, items, ordered=ordered, plan=self._plan)
+        known = self._sizes.get(id(fn))
+        start = known[1] if known is not None and known[0] is fn else 1
+        sched = _scheduler(
+            Call(fn), backend, opts, items, ordered=ordered, plan=self._plan, start=start
+        )
         progress = progress_for(opts.progress, self._plan.mode, _total(items))
-        return drive(backend, sched, items, owned=False, progress=progress)
+        return self._remember(
+            fn, sched, drive(backend, sched, items, owned=False, progress=progress)
+        )
+
+    def _remember(
+        self, fn: Callable[..., Any], sched: Scheduler, chunks: Iterator[Chunk]
+    ) -> Iterator[Chunk]:
+        try:
+            yield from chunks
+        finally:
+            if sched.sizer.adaptive:
+                with self._lock:
+                    if len(self._sizes) >= 64 and id(fn) not in self._sizes:
+                        self._sizes.clear()
+                    self._sizes[id(fn)] = (fn, sched.sizer.size)
 
     def close(self) -> None:
         """Finish the submitted work, then stop the workers."""

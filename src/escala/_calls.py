@@ -20,7 +20,11 @@ from typing import Any
 
 from .backends.base import Apply, Batch, Call
 
-__all__ = ["WorkerContext", "worker_state"]
+__all__ = ["UNTRACKED", "WorkerContext", "worker_state"]
+
+#: Slot position meaning "somewhere in this batch": the worker did not track each task.
+UNTRACKED = (1 << 20) - 1
+_builtin_map = map
 
 _state: contextvars.ContextVar[SimpleNamespace] = contextvars.ContextVar("escala_worker_state")
 
@@ -108,13 +112,13 @@ class WorkerContext:
         Args:
             batch: the tasks.
             mark: called with each task's position just before it starts.
-            slot: a shared-memory cell array (processes mode): ``slot[0]`` receives
-                ``slot_base + position`` before each task and, when ``timed``, ``slot[1]``
-                the start time, so the parent can tell which task a worker is on. Written
-                inline rather than through ``mark``: this loop runs once per task, and
-                for trivial tasks every call in it shows in the total.
+            slot: a shared-memory cell array (processes mode). ``slot[0]`` receives
+                ``slot_base + position`` before each task, or ``slot_base + UNTRACKED``
+                once for a batch run without per-task tracking; when ``timed``,
+                ``slot[1]`` receives each task's start time. The parent reads it to tell
+                which task a worker is on.
             slot_base: see ``slot``.
-            timed: also write start times into ``slot``.
+            timed: track every task's start (for timeouts).
 
         Returns:
             The results (``None`` where a task failed), the failures by position (or
@@ -123,18 +127,25 @@ class WorkerContext:
         values: list[Any] = []
         failures: dict[int, BaseException] | None = None
         call = batch.call
-        fn, single = call.fn, call.apply is Apply.ONE
         items = batch.items
         start = time.perf_counter()
-        if single and mark is None and not timed:
+        if call.apply is Apply.ONE and mark is None and not timed:
+            # The common case runs in C: list.extend keeps the results appended before a
+            # task raises, so the failing position is len(values) and no task runs twice.
+            # Per-task bookkeeping in Python would cost 3-4 times the call of a trivial fn.
+            if slot is not None:
+                slot[0] = slot_base + UNTRACKED
             while len(values) < len(items):
-                error = self._run_fast(fn, items, values, slot, slot_base)
-                if error is None:
-                    break
-                if failures is None:
-                    failures = {}
-                failures[len(values)] = error
-                values.append(None)
+                rest = items if not values else itertools.islice(items, len(values), None)
+                try:
+                    values.extend(_builtin_map(call.fn, rest))
+                except (Exception, SystemExit) as exc:
+                    if failures is None:
+                        failures = {}
+                    failures[len(values)] = exc
+                    values.append(None)
+            if values and type(values[0]) is types.CoroutineType:
+                failures = self._await_all(values, failures)
             return values, failures, time.perf_counter() - start
         is_coroutine = inspect.iscoroutine
         monotonic = time.monotonic
@@ -146,12 +157,9 @@ class WorkerContext:
             elif mark is not None:
                 mark(pos)
             try:
-                if single:
-                    result = fn(item)
-                    if is_coroutine(result):
-                        result = self.resolve(result)
-                else:
-                    result = self.call(call, item)
+                result = self.call(call, item)
+                if is_coroutine(result):
+                    result = self.resolve(result)
                 values.append(result)
             except (Exception, SystemExit) as exc:
                 if failures is None:
@@ -160,37 +168,20 @@ class WorkerContext:
                 values.append(None)
         return values, failures, time.perf_counter() - start
 
-    def _run_fast(
-        self, fn: Callable[[Any], Any], items: list[Any], values: list[Any], slot: Any, base: float
-    ) -> BaseException | None:
-        """Run ``items[len(values):]``, appending results, until one raises; return its error.
-
-        The common case (one argument, no timeout) in the tightest loop Python allows: no
-        per-task call besides ``fn``, the failing position read back as ``len(values)``.
-        """
-        begin = len(values)
-        rest = items if begin == 0 else itertools.islice(items, begin, None)
-        append = values.append
-        coroutine = types.CoroutineType
-        try:
-            if slot is None:
-                for item in rest:
-                    result = fn(item)
-                    if type(result) is coroutine:
-                        result = self.resolve(result)
-                    append(result)
-            else:
-                position = base + begin
-                for item in rest:
-                    slot[0] = position
-                    result = fn(item)
-                    if type(result) is coroutine:
-                        result = self.resolve(result)
-                    append(result)
-                    position += 1.0
-        except (Exception, SystemExit) as exc:
-            return exc
-        return None
+    def _await_all(
+        self, values: list[Any], failures: dict[int, BaseException] | None
+    ) -> dict[int, BaseException] | None:
+        """Run the coroutines an ``async def`` task returned, one by one, in place."""
+        for pos, value in enumerate(values):
+            if type(value) is types.CoroutineType:
+                try:
+                    values[pos] = self.resolve(value)
+                except (Exception, SystemExit) as exc:
+                    if failures is None:
+                        failures = {}
+                    failures[pos] = exc
+                    values[pos] = None
+        return failures
 
     def close(self) -> None:
         """Close this worker's event loop, if it made one."""

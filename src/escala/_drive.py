@@ -82,7 +82,7 @@ def drive(
 
 
 def _feed(iterator: Iterator[Any], sched: Scheduler, backend: Backend, sink: Any) -> None:
-    while (room := sched.room()) > 0:
+    while (room := _room(sched)) > 0:
         want = min(room, sched.sizer.size)
         chunk = list(islice(iterator, want))
         if len(chunk) < want:
@@ -158,8 +158,22 @@ async def adrive(
         await _release(backend, owned=owned, clean=clean, sink=sink)
 
 
+def _room(sched: Scheduler) -> int:
+    """Return how many items to pull now: a whole batch, or nothing until one fits.
+
+    Cutting a batch to whatever room is left makes runs of odd small batches, each a
+    round trip to a worker; while results are still to come back, waiting for a whole
+    batch's room costs nothing. (A window set smaller than two batches is taken as given.)
+    """
+    room = sched.room()
+    size = sched.sizer.size
+    if room < size and sched.outstanding and sched.window >= 2 * size:
+        return 0
+    return room
+
+
 async def _afeed(source: AsyncIterator[Any], sched: Scheduler, backend: Backend, sink: Any) -> None:
-    while (room := sched.room()) > 0:
+    while (room := _room(sched)) > 0:
         want = min(room, sched.sizer.size)
         chunk: list[Any] = []
         async for item in source:

@@ -76,16 +76,24 @@ class BatchSizer:
     """
 
     TARGET = 0.02
-    GROWTH = 8
+    GROWTH = 16
     CAP = 16384
 
-    def __init__(self, fixed: int | None, *, adaptive: bool, workers: int, total: int | None):
-        self.size = fixed or 1
+    def __init__(
+        self,
+        fixed: int | None,
+        *,
+        adaptive: bool,
+        workers: int,
+        total: int | None,
+        start: int = 1,
+    ):
         self.adaptive = adaptive and fixed is None
         self.cap = self.CAP
         if total is not None:
             # Leave enough batches to keep every worker busy until the end, as Pool.map does.
             self.cap = max(1, min(self.cap, math.ceil(total / (4 * workers))))
+        self.size = fixed or (min(max(1, start), self.cap) if self.adaptive else 1)
 
     def observe(self, tasks: int, busy: float) -> None:
         """Learn from a batch of ``tasks`` that kept a worker busy ``busy`` seconds."""
@@ -93,7 +101,10 @@ class BatchSizer:
             return
         per_task = busy / tasks
         ideal = int(self.TARGET / per_task) if per_task > 0 else self.cap
-        self.size = max(1, min(ideal, tasks * self.GROWTH, self.cap))
+        # A small batch (the end of the input, a retry) may show that batches should
+        # shrink, but it is too small a sample to grow them from: growth is limited to
+        # GROWTH × the tasks measured, and never below the current size.
+        self.size = max(1, min(ideal, self.cap, max(self.size, tasks * self.GROWTH)))
 
 
 class Scheduler:

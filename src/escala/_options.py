@@ -25,6 +25,7 @@ ErrorPolicy = Literal["raise", "collect"]
 StartMethod = Literal["fork", "forkserver", "spawn"]
 
 MODES: tuple[str, ...] = get_args(Mode)
+_MAX_BATCH = (1 << 20) - 1  # a worker's slot encodes a task's position in 20 bits
 _PLANNED = {
     "auto": "mode='auto' (measure the work and choose) is not available yet; "
     "choose one of {modes} for now",
@@ -129,6 +130,8 @@ class Options:
         _positive_int("workers", self.workers)
         if self.batch != "auto":
             _positive_int("batch", self.batch)
+            if self.batch >= _MAX_BATCH:
+                raise ValueError(f"batch must be below {_MAX_BATCH:,}, got {self.batch:,}")
         if self.timeout is not None and not (
             isinstance(self.timeout, int | float)
             and not isinstance(self.timeout, bool)

@@ -35,7 +35,7 @@ __all__ = ["Msg", "WorkerSetup", "worker_main"]
 # running now; SLOT_START its start time (``time.monotonic``, the same clock system-wide),
 # written first, and only for batches with a timeout. WorkerContext.run_batch writes them.
 SLOT_TASK, SLOT_START = 0, 1
-POS_SPAN = 1 << 16  # batches never hold more tasks than this (BatchSizer.CAP is smaller)
+POS_SPAN = 1 << 20  # batches hold fewer tasks than this (Options caps ``batch``)
 
 #: How often a worker checks that its parent is still alive (seconds).
 ORPHAN_CHECK = 0.25

@@ -29,6 +29,7 @@ import multiprocessing.connection as mpc
 import multiprocessing.util
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._calls import UNTRACKED
 from .._cpu import usable_cpus
 from .._errors import (
     BrokenWorker,
@@ -78,9 +80,11 @@ class _Worker:
     conn: mpc.Connection
     cells: Any  # memoryview of doubles over the slot
     slot: Any
+    capacity: int = 0  # bytes a message may have to be queued without blocking the manager
     ready: bool = False
-    job: _Job | None = None
-    sent_at: float = 0.0
+    job: _Job | None = None  # the batch the worker is on
+    queued: _Job | None = None  # the next batch, already in its pipe
+    sent_at: float = 0.0  # when ``job`` became the worker's current batch
     functions: set[int] = field(default_factory=set)
     forget: bool = False
     killed_for: tuple[int, float] | None = None  # (position, timeout) when timed out
@@ -231,7 +235,8 @@ class ProcessBackend:
         )
         process.start()
         child_conn.close()
-        return _Worker(process, parent_conn, memoryview(slot).cast("B").cast("d"), slot)
+        cells = memoryview(slot).cast("B").cast("d")
+        return _Worker(process, parent_conn, cells, slot, capacity=_queue_capacity(parent_conn))
 
     def _kill(self, proc: _Worker, sig: int = signal.SIGKILL) -> None:
         pid = proc.process.pid
@@ -287,35 +292,61 @@ class ProcessBackend:
             self._enforce_timeouts()
 
     def _dispatch(self) -> None:
-        for proc in self._procs:
-            if not proc.ready or proc.job is not None:
-                continue
-            with self._lock:
-                if not self._pending:
-                    return
-                job = self._pending.popleft()
-                forget, proc.forget = proc.forget, False
-                known = job.fn_id in proc.functions
-                proc.functions.add(job.fn_id)
-            batch = job.batch
-            message = dumps(
-                (
-                    Msg.RUN,
-                    batch.id,
-                    job.fn_id,
-                    None if known else job.fn_bytes,
-                    batch.call.apply,
-                    forget,
-                    batch.timeout is not None,
-                    batch.indices,
-                    job.items,
-                )
+        """Give idle workers a batch each, then queue one more behind each busy worker.
+
+        The queued batch saves the worker a round trip through this thread between
+        batches. It is only sent when its message fits the pipe's buffer, so the write
+        never waits for the worker: a manager blocked on a busy worker's pipe could not
+        read the results that worker is blocked sending (the classic pipe deadlock). And
+        only batches of several tasks are queued: the scheduler makes those only for tasks
+        measured short (or when the caller fixed a batch size), while a single task may
+        be long, and one queued behind a long task would wait although another worker
+        is free.
+        """
+        for prefetch in (False, True):
+            for proc in self._procs:
+                if not proc.ready or proc.killed_for is not None:
+                    continue
+                if (proc.queued if prefetch else proc.job) is not None:
+                    continue
+                if prefetch and proc.job is None:
+                    continue
+                with self._lock:
+                    if not self._pending:
+                        return
+                    job = self._pending[0]
+                    known = job.fn_id in proc.functions
+                    size = len(job.items) + (0 if known else len(job.fn_bytes))
+                    if prefetch and (size > proc.capacity or len(job.batch.items) < 2):
+                        return  # the head of the queue is not for queueing: keep order
+                    self._pending.popleft()
+                    forget, proc.forget = proc.forget, False
+                    proc.functions.add(job.fn_id)
+                self._send(proc, job, known=known, forget=forget, prefetch=prefetch)
+
+    def _send(self, proc: _Worker, job: _Job, *, known: bool, forget: bool, prefetch: bool) -> None:
+        batch = job.batch
+        message = dumps(
+            (
+                Msg.RUN,
+                batch.id,
+                job.fn_id,
+                None if known else job.fn_bytes,
+                batch.call.apply,
+                forget,
+                batch.timeout is not None,
+                batch.indices,
+                job.items,
             )
+        )
+        if prefetch:
+            proc.queued = job
+        else:
             proc.job, proc.sent_at = job, time.monotonic()
-            try:
-                proc.conn.send_bytes(message)
-            except OSError:
-                pass  # it died: its sentinel fires next, and the batch is handled there
+        try:
+            proc.conn.send_bytes(message)
+        except OSError:
+            pass  # it died: its sentinel fires next, and the batch is handled there
 
     def _receive(self, proc: _Worker) -> bool:
         """Handle one message from a worker; return False if the worker is gone."""
@@ -341,7 +372,9 @@ class ProcessBackend:
 
     def _finished(self, proc: _Worker, message: tuple[Any, ...]) -> None:
         _, _batch_id, values_bytes, failures, busy, load_error = message
-        job, proc.job = proc.job, None
+        job, proc.job, proc.queued = proc.job, proc.queued, None
+        if proc.job is not None:
+            proc.sent_at = time.monotonic()  # the worker moved straight on to it
         if job is None:  # pragma: no cover - a reply nobody asked for
             return
         batch = job.batch
@@ -386,7 +419,9 @@ class ProcessBackend:
                 break
         batch_id, pos = divmod(int(task), POS_SPAN)
         if proc.job is None or batch_id != proc.job.batch.id:
-            return None, proc.sent_at
+            return None, proc.sent_at  # it has not started this batch yet
+        if pos == UNTRACKED:
+            return None, start  # somewhere in it: the worker did not track each task
         return pos, start
 
     def _next_deadline(self) -> float | None:
@@ -416,9 +451,12 @@ class ProcessBackend:
         exitcode = proc.process.exitcode
         self._procs.remove(proc)
         proc.conn.close()
-        job = proc.job
+        job, queued = proc.job, proc.queued
         if job is not None:
             self._report_death(proc, job, exitcode)
+        if queued is not None:  # never started: send it again elsewhere
+            size = len(queued.batch.items)
+            queued.sink(Done(queued.batch, [None] * size, lost=list(range(size))))
         if not proc.ready:
             self._early_deaths += 1
             if self._early_deaths > 2 * self.workers + 2:
@@ -447,7 +485,8 @@ class ProcessBackend:
                 stopped=True,
             )
         elif pos is None and size > 1:
-            # It died before its first task (loading the batch): find the culprit alone.
+            # It died loading the batch or somewhere in an untracked run: run each task
+            # alone to find the culprit (which therefore runs twice).
             job.sink(Done(batch, [None] * size, lost=list(range(size)), split=True))
             return
         else:
@@ -472,9 +511,8 @@ class ProcessBackend:
             jobs = list(self._pending)
             self._pending.clear()
         for proc in self._procs:
-            if proc.job is not None:
-                jobs.append(proc.job)
-                proc.job = None
+            jobs.extend(job for job in (proc.job, proc.queued) if job is not None)
+            proc.job = proc.queued = None
         for job in jobs:
             _fail_all(job.batch, job.sink, error)
 
@@ -498,8 +536,28 @@ class ProcessBackend:
                 self._kill(proc)
                 proc.process.join()
             proc.conn.close()
-            if proc.job is not None and not self._cancel:
-                _fail_all(proc.job.batch, proc.job.sink, PoolClosed("the pool was shut down"))
+            for job in (proc.job, proc.queued):
+                if job is not None and not self._cancel:
+                    _fail_all(job.batch, job.sink, PoolClosed("the pool was shut down"))
+
+
+def _queue_capacity(conn: mpc.Connection) -> int:
+    """Return how many bytes can wait in ``conn`` unread without a write blocking.
+
+    The pipe is a Unix socket pair on Linux. Its send buffer is raised (the kernel caps it
+    at ``net.core.wmem_max``) and half of what the kernel grants is used: buffer
+    accounting includes bookkeeping beyond the payload.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:  # pragma: no cover - not a socket (another platform)
+        return 0
+    with sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        except OSError:  # pragma: no cover - not allowed: keep the default
+            pass
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 4
 
 
 def _fail_all(batch: Batch, sink: Sink, error: BaseException) -> None:

@@ -78,6 +78,7 @@ class ThreadBackend:
         self._work: queue.SimpleQueue[tuple[Batch, Sink] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._wake_watchdog = threading.Condition(self._lock)
+        self._started_all = threading.Condition(self._lock)
         self._live: set[_Worker] = set()
         self._idle = threading.Semaphore(0)
         self._cancelled: set[int] = set()
@@ -85,6 +86,8 @@ class ThreadBackend:
         self._broken: BaseException | None = None
         self._watchdog: threading.Thread | None = None
         self._count = 0
+        self._wanted = 0  # threads asked for and not yet started
+        self._starters = 0  # threads (the caller's included) busy starting others
 
     def start(self) -> None:
         """Threads start on demand, at submit."""
@@ -101,21 +104,60 @@ class ThreadBackend:
                     self._watchdog.start()
         self._work.put((batch, sink))
         if not self._idle.acquire(blocking=False):
-            with self._lock:
-                if len(self._live) < self.workers and not self._closed:
-                    self._spawn()
+            self._want_thread()
 
-    def _spawn(self) -> None:
-        """Start one worker thread (the lock is held)."""
-        worker = _Worker()
-        self._count += 1
-        worker.thread = threading.Thread(
-            target=self._serve, args=(worker,), name=f"{self._name}-{self._count}", daemon=True
-        )
-        self._live.add(worker)
-        worker.thread.start()
+    def _want_thread(self) -> None:
+        """Ask for one more worker thread, if the pool may grow."""
+        with self._lock:
+            if self._closed or len(self._live) + self._wanted >= self.workers:
+                return
+            self._wanted += 1
+            if self._starters:
+                return  # a thread busy starting others will start this one too
+            self._starters += 1
+        self._start_threads()
+
+    def _start_threads(self) -> None:
+        """Start the threads asked for; each new thread joins in before its first task.
+
+        ``Thread.start`` waits until the new thread runs, about 0.1 ms. Started one by one
+        from the submitting thread, a thousand threads cost the caller 0.1 s before the last
+        task begins; started by the threads themselves, the number of starters doubles at
+        each step and the caller goes back to submitting at once.
+        """
+        try:
+            while True:
+                with self._lock:
+                    if self._wanted == 0 or self._closed:
+                        return
+                    self._wanted -= 1
+                    self._starters += 1  # the new thread starts others before serving
+                    worker = _Worker()
+                    self._count += 1
+                    worker.thread = threading.Thread(
+                        target=self._serve,
+                        args=(worker,),
+                        name=f"{self._name}-{self._count}",
+                        daemon=True,
+                    )
+                    self._live.add(worker)
+                try:
+                    worker.thread.start()
+                except BaseException:
+                    # interrupted (Ctrl-C) while starting: count it out if it never ran
+                    if worker.thread.ident is None:
+                        with self._lock:
+                            self._live.discard(worker)
+                            self._starters -= 1
+                    raise
+        finally:
+            with self._lock:
+                self._starters -= 1
+                if not self._starters:
+                    self._started_all.notify_all()
 
     def _serve(self, worker: _Worker) -> None:
+        self._start_threads()
         ctx = WorkerContext(self._initializer, self._initargs)
         ctx.enter()
         try:
@@ -200,11 +242,13 @@ class ThreadBackend:
                     elif wake is None or deadline < wake:
                         wake = deadline
                 if reports:
-                    # Report without the lock: a sink may run a future's callbacks.
+                    # Report and replace without the lock: a sink may run a future's
+                    # callbacks, and starting a thread waits for it.
                     self._lock.release()
                     try:
                         for sink, done in reports:
                             sink(done)
+                            self._want_thread()
                     finally:
                         self._lock.acquire()
                     continue
@@ -234,8 +278,6 @@ class ThreadBackend:
         )
         values = run.values + [None] * (len(batch.items) - len(run.values))
         lost = list(range(pos + 1, len(batch.items)))
-        if not self._closed:
-            self._spawn()
         return run.sink, Done(batch, values, failures, lost)
 
     def cancel(self, sink: Sink) -> None:
@@ -245,6 +287,9 @@ class ThreadBackend:
         with self._lock:
             self._closed = True
             self._wake_watchdog.notify_all()
+            # every thread registered must have started before it can be told to stop;
+            # starting takes a fraction of a millisecond, the limit is only a backstop
+            self._started_all.wait_for(lambda: not self._starters, timeout=5)
             live = list(self._live)
         if cancel:
             while True:
@@ -256,7 +301,8 @@ class ThreadBackend:
             self._work.put(None)
         for worker in live:
             busy = worker.running is not None
-            if worker.thread is not None and not (cancel and busy):
-                worker.thread.join()
+            thread = worker.thread
+            if thread is not None and thread.ident is not None and not (cancel and busy):
+                thread.join()
         if self._watchdog is not None:
             self._watchdog.join()
