@@ -102,11 +102,13 @@ def test_options_object_and_keywords_combine() -> None:
 def test_default_mode_fits_the_function() -> None:
     import threading
 
-    async def coro(x: int) -> str:
-        return threading.current_thread().name
+    import asyncio
+
+    async def coro(x: int) -> bool:
+        return asyncio.get_running_loop().is_running()  # awaited on an event loop
 
     def plain(x: int) -> str:
         return threading.current_thread().name
 
-    assert escala.map(coro, [1]) == ["escala-async"]
+    assert escala.map(coro, [1]) == [True]
     assert escala.map(plain, [1])[0].startswith("escala-thread")

@@ -192,3 +192,17 @@ def test_limit_and_workers_are_one_setting() -> None:
 
     with pytest.raises(TypeError, match="limit or workers"):
         asyncio.run(escala.amap(task, [1], limit=2, workers=3))
+
+
+def test_plain_map_of_a_coroutine_function_from_inside_a_running_loop() -> None:
+    """Called from async code, map cannot use this thread's loop (it is busy running the
+    caller): it runs the tasks on a loop of its own, on another thread."""
+
+    async def task(x: int) -> int:
+        await asyncio.sleep(0)
+        return x + 1
+
+    async def main() -> list[int]:
+        return escala.map(task, range(5), mode="async")
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5]

@@ -3,7 +3,8 @@
 The map of the house (data flows one way, top to bottom)::
 
     escala.map / imap / amap / aimap / Pool        _api.py      options in, results out
-        │ Options (frozen, validated)              _options.py
+        │ Options (frozen, validated)              _options.py  _pool.py
+        │ plan: backend, workers, scheduler        _plan.py
         ▼
     driver: sync (queue) or async (asyncio.Queue)  _drive.py    moves events, owns no policy
         │ ▲
@@ -25,7 +26,6 @@ Backends never import each other, the API or the drivers.
 
 from __future__ import annotations
 
-from ._api import Pool as Pool
 from ._api import aimap as aimap
 from ._api import amap as amap
 from ._api import imap as imap
@@ -46,6 +46,7 @@ from ._errors import WorkerDied as WorkerDied
 from ._options import MODES as MODES
 from ._options import Options as Options
 from ._options import Retry as Retry
+from ._pool import Pool as Pool
 
 __version__ = "0.1.0"
 

@@ -174,12 +174,16 @@ class AsyncBackend:
                 self._cancel_where(None)
             return
         if not loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self._drain(cancel), loop).result()
+            asyncio.run_coroutine_threadsafe(self._finish(cancel), loop).result()
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join()
-        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+    async def _finish(self, cancel: bool) -> None:
+        """Last steps on the private loop's own thread (the caller may run a loop too)."""
+        await self._drain(cancel)
+        await asyncio.get_running_loop().shutdown_asyncgens()
 
     async def _drain(self, cancel: bool) -> None:
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]

@@ -1,0 +1,138 @@
+"""Planning a run: which backend, how many workers, what scheduler; and assembling results.
+
+Shared by the one-shot entry points (:mod:`escala._api`) and :class:`escala.Pool`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass
+from typing import Any
+
+from ._cpu import usable_cpus
+from ._drive import Chunk
+from ._engine import BatchSizer, Scheduler
+from ._options import Options
+from .backends import create
+from .backends.base import Backend, Call
+
+#: Default concurrency of async mode when neither ``workers`` nor ``limit`` is given.
+ASYNC_LIMIT = 100
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    call = getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    mode: str  # what the caller asked for (or the default)
+    engine: str  # the backend that runs it: async mode sends plain functions to threads
+    workers: int
+
+
+def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
+    coroutine = fn is not None and is_async(fn)
+    mode = options.mode or ("async" if coroutine else "threads")
+    engine = "threads" if mode == "async" and fn is not None and not coroutine else mode
+    if options.workers is not None:
+        workers = options.workers
+    elif mode == "processes":
+        workers = usable_cpus()
+    elif mode == "threads":
+        workers = min(32, usable_cpus() + 4)
+    elif mode == "async":
+        workers = ASYNC_LIMIT
+    else:
+        workers = 1
+    return Plan(mode, engine, workers)
+
+
+def make_backend(plan: Plan, options: Options, **extra: Any) -> Backend:
+    return create(
+        plan.engine,
+        plan.workers,
+        initializer=options.initializer,
+        initargs=options.initargs,
+        start_method=options.start_method,
+        **extra,
+    )
+
+
+def make_scheduler(
+    call: Call,
+    backend: Backend,
+    options: Options,
+    items: object,
+    *,
+    ordered: bool,
+    plan: Plan,
+    start: int = 1,
+    keep_all: bool = False,
+) -> Scheduler:
+    """Return the scheduler for one run.
+
+    ``keep_all`` says the caller keeps every result anyway (``map``, ``amap``): then the
+    window may hold 4 batches per worker instead of 2, so workers never wait for the
+    caller to take results, at no cost in memory that the result list does not already
+    take.
+    """
+    sizer = BatchSizer(
+        None if options.batch == "auto" else options.batch,
+        adaptive=backend.batches_pay,
+        workers=backend.workers,
+        total=total_of(items),
+        start=start,
+    )
+    return Scheduler(
+        call,
+        workers=backend.workers,
+        sizer=sizer,
+        ordered=ordered,
+        collect=options.errors == "collect",
+        retry=options.retries,
+        timeout=options.timeout,
+        window=options.window,
+        lookahead=1 if plan.engine == "sequential" else (4 if keep_all else 2),
+    )
+
+
+def check_arguments(fn: object, items: object, *, allow_async_items: bool = False) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {fn!r}")
+    if isinstance(items, Iterable) or (allow_async_items and isinstance(items, AsyncIterable)):
+        return
+    kind = "an iterable or an async iterable" if allow_async_items else "an iterable"
+    raise TypeError(f"items must be {kind} (a list, a generator...), got {type(items).__name__}")
+
+
+def total_of(items: object) -> int | None:
+    return len(items) if isinstance(items, Sized) else None
+
+
+def place(results: list[Any], chunk: Chunk) -> None:
+    """Put a chunk of results at their input positions (chunks arrive in any order)."""
+    indices, values = chunk
+    if isinstance(indices, range):
+        if indices.stop > len(results):
+            results.extend([None] * (indices.stop - len(results)))
+        results[indices.start : indices.stop] = values
+        return
+    for index, value in zip(indices, values, strict=True):
+        if index >= len(results):
+            results.extend([None] * (index + 1 - len(results)))
+        results[index] = value
+
+
+def collect(chunks: Iterator[Chunk]) -> list[Any]:
+    results: list[Any] = []
+    for chunk in chunks:
+        place(results, chunk)
+    return results
+
+
+def values_of(chunks: Iterator[Chunk]) -> Iterator[Any]:
+    for _, values in chunks:
+        yield from values
