@@ -100,9 +100,8 @@ def test_options_object_and_keywords_combine() -> None:
 
 
 def test_default_mode_fits_the_function() -> None:
-    import threading
-
     import asyncio
+    import threading
 
     async def coro(x: int) -> bool:
         return asyncio.get_running_loop().is_running()  # awaited on an event loop

@@ -87,3 +87,42 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+ORPHANING = textwrap.dedent(
+    r"""
+    import os, sys, time
+    import escala
+
+    def block(x):
+        sys.stdout.write(f"started {os.getpid()}\n")
+        sys.stdout.flush()
+        time.sleep(3600)
+
+    escala.map(block, range(2), mode="processes", workers=2, start_method=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_workers_do_not_outlive_a_killed_parent(method: str) -> None:
+    """kill -9 of the program: nobody stops the workers, so they must notice and exit."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING, method], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    try:
+        lines = [child.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("started") for line in lines), lines
+        workers = {int(line.split()[1]) for line in lines}
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    deadline = time.monotonic() + 20  # the backstop check runs every 5 s
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling another process's exit: nothing to wait on
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived their parent"

@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -37,8 +36,8 @@ __all__ = ["Msg", "WorkerSetup", "worker_main"]
 SLOT_TASK, SLOT_START = 0, 1
 POS_SPAN = 1 << 20  # batches hold fewer tasks than this (Options caps ``batch``)
 
-#: How often a worker checks that its parent is still alive (seconds).
-ORPHAN_CHECK = 0.25
+#: How often a worker checks its parent by pid, as a backstop to the parent-death pipe.
+ORPHAN_CHECK = 5.0
 
 
 class Msg(enum.IntEnum):
@@ -58,6 +57,8 @@ class WorkerSetup:
     parent_pid: int
     native_threads: int
     initializer: bytes | None  # cloudpickled (initializer, initargs)
+    parent_alive: Connection  # read end of a pipe only the parent writes to: EOF = it died
+    inherited_fd: int | None  # under fork, the copy of the write end to close at once
 
 
 def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
@@ -69,7 +70,12 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
     except (AttributeError, OSError):  # pragma: no cover - not POSIX
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _watch_parent(setup.parent_pid)
+    if setup.inherited_fd is not None:
+        try:
+            os.close(setup.inherited_fd)
+        except OSError:
+            pass
+    _watch_parent(setup.parent_pid, setup.parent_alive)
 
     from .._calls import WorkerContext
     from .._cpu import cap_native_threads
@@ -127,14 +133,16 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
     ctx.close()
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, parent_alive: Connection) -> None:
     """Exit, with everything this worker started, if the parent dies.
 
     Workers sit in their own process group, so nothing kills them with the parent; and a
     worker deep in a long task never reads its pipe, so it would not notice the parent
-    going. A daemon thread checks a few times a second that the process that started it
-    is still its parent (under forkserver that is the fork server, which itself exits
-    with the parent) and that the pool's owner is still alive.
+    going. A daemon thread waits, without holding the GIL, on a pipe whose only write end
+    the parent holds: it reads end-of-file the moment the parent dies. Every few seconds
+    it also checks that its parent is unchanged (under forkserver that is the fork server,
+    which exits with the owner) and that the owner lives, in case another process kept a
+    copy of the write end (a child the user forked).
     """
     first_parent = os.getppid()
 
@@ -148,8 +156,12 @@ def _watch_parent(parent_pid: int) -> None:
         return True
 
     def watch() -> None:
-        while os.getppid() == first_parent and alive(parent_pid):
-            time.sleep(ORPHAN_CHECK)
+        try:
+            while not parent_alive.poll(ORPHAN_CHECK):
+                if os.getppid() != first_parent or not alive(parent_pid):
+                    break
+        except OSError:
+            pass
         try:
             os.killpg(0, signal.SIGKILL)
         finally:

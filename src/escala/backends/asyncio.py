@@ -110,7 +110,9 @@ class AsyncBackend:
     async def _run(self, batch: Batch, sink: Sink) -> None:
         assert self._init is not None and self._sem is not None
         try:
-            await asyncio.shield(self._init)
+            if not self._init.done():
+                await asyncio.shield(self._init)  # shield: one task's cancellation is not all's
+            self._init.result()
         except BrokenWorker as exc:
             failure = Failure(error=exc)
             sink(

@@ -131,10 +131,16 @@ class ProcessBackend:
         self._initializer = (
             dump_function((initializer, initargs)) if initializer is not None else None
         )
+        # Only this process writes to (in fact, never writes to) this pipe: when it dies,
+        # the workers read end-of-file and exit. Forked workers close their inherited copy
+        # of the write end first thing, or they would keep each other's pipe open.
+        self._alive_r, self._alive_w = self._ctx.Pipe(duplex=False)
         self._setup = WorkerSetup(
             parent_pid=os.getpid(),
             native_threads=max(1, usable_cpus() // workers),
             initializer=self._initializer,
+            parent_alive=self._alive_r,
+            inherited_fd=self._alive_w.fileno() if method == "fork" else None,
         )
         self._lock = threading.Lock()
         self._pending: deque[_Job] = deque()
@@ -261,6 +267,8 @@ class ProcessBackend:
             self._stop_workers()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            self._alive_r.close()
+            self._alive_w.close()
 
     def _serve(self) -> None:
         while True:
