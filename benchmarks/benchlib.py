@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import escala
@@ -112,8 +114,26 @@ def machine_line() -> str:
     return (
         f"{model}, {os.cpu_count()} CPUs ({escala.usable_cpus()} usable per "
         f"escala.usable_cpus()), {mem:.0f} GiB; Python {platform.python_version()} on "
-        f"{platform.platform()}; escala {escala.__version__}, {libs}"
+        f"{platform.platform()}; escala {escala.__version__} ({escala_source()}), {libs}"
     )
+
+
+def escala_source() -> str:
+    """Where escala was imported from, with its git revision and uncommitted files if any."""
+    where = Path(escala.__file__).resolve().parent
+    git = ["git", "-C", str(where)]
+    try:
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **_QUIET).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--", "."], **_QUIET).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return f"from {where} (not a git checkout)"
+    changed = [line[3:] for line in status.splitlines()]
+    return f"from {where} at git {rev}" + (
+        f", uncommitted changes in {', '.join(changed)}" if changed else ", no uncommitted changes"
+    )
+
+
+_QUIET: Any = {"capture_output": True, "text": True, "check": True}
 
 
 def show(table: Table) -> None:
@@ -126,7 +146,7 @@ def show(table: Table) -> None:
         rich_table.add_column(column, justify="left" if i == 0 else "right")
     for row in table.rows:
         rich_table.add_row(*row)
-    console = Console(width=max(140, Console().width))
+    console = Console(width=max(180, Console().width))
     console.print(rich_table)
     for note in table.notes:
         console.print(f"  [dim]{note}[/dim]", highlight=False)
