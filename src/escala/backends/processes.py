@@ -159,9 +159,16 @@ class ProcessBackend:
     # -- caller side ----------------------------------------------------------------
 
     def start(self) -> None:
-        for _ in range(self.workers):
-            self._procs.append(self._spawn())
         self._manager = threading.Thread(target=self._manage, name="escala-manager", daemon=True)
+        try:
+            for _ in range(self.workers):
+                self._procs.append(self._spawn())
+        except BaseException:
+            # Out of processes or memory, or Ctrl-C: stop the workers already started.
+            self._cancel = self._closing = True
+            self._stop_workers()
+            self._close_pipes()
+            raise
         self._manager.start()
         _live.add(self)
 
@@ -217,16 +224,24 @@ class ProcessBackend:
                 self._closing = True
                 self._cancel = self._cancel or cancel
         self._wake()
-        if self._manager is not None and self._manager is not threading.current_thread():
-            self._manager.join()
+        manager = self._manager
+        if (
+            manager is not None
+            and manager.ident is not None
+            and manager is not threading.current_thread()
+        ):
+            manager.join()
         if not already:
             _live.discard(self)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is already pending) or closed
+        with self._lock:  # the manager closes the pipe under the lock: never write to a
+            if self._wake_w < 0:  # closed descriptor, whose number may be reused
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass  # the pipe is full: a wake-up is already pending
 
     # -- worker processes -----------------------------------------------------------
 
@@ -265,10 +280,16 @@ class ProcessBackend:
             self._break(error)
         finally:
             self._stop_workers()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._alive_r.close()
-            self._alive_w.close()
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        with self._lock:
+            if self._wake_w >= 0:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
+        self._alive_r.close()
+        self._alive_w.close()
 
     def _serve(self) -> None:
         while True:
