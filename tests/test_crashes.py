@@ -218,3 +218,25 @@ def test_a_failing_initializer_breaks_the_run_clearly(mode: str) -> None:
 
     with pytest.raises(escala.BrokenWorker, match="database unreachable"):
         escala.map(abs, range(5), mode=mode, initializer=bad_init)
+
+
+def test_a_failed_start_stops_the_workers_already_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fork fails for the third worker (no more processes, say): the first two must go."""
+    from escala.backends.processes import ProcessBackend
+
+    spawn = ProcessBackend._spawn
+    started: list[int] = []
+
+    def spawn_twice(self: ProcessBackend) -> Any:
+        if len(started) == 2:
+            raise OSError(11, "Resource temporarily unavailable")
+        worker = spawn(self)
+        started.append(worker.process.pid)
+        return worker
+
+    monkeypatch.setattr(ProcessBackend, "_spawn", spawn_twice)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        escala.map(abs, range(10), mode="processes", workers=3)
+    assert len(started) == 2  # and nothing_left_behind checks that they are gone
