@@ -271,7 +271,7 @@ def bench_blocking(n: int, repeats: int) -> Table:
     table.notes += [
         "Thread pools are created and shut down inside the timing, except the warm Pool row; "
         "the amap and gather rows are timed inside an already running event loop, "
-        "escala.map(mode='async') starts and stops its own loop thread inside the timing. "
+        "escala.map(mode='async') starts and closes its own event loop inside the timing. "
         f"The last thread row starts one bare thread per task: what {n} threads cost here.",
     ]
     return table
