@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from .backends.base import Apply, Batch, Call
+from .backends.base import Apply, Batch, Call, invoke
 
 __all__ = ["UNTRACKED", "WorkerContext", "worker_state"]
 
@@ -83,13 +83,7 @@ class WorkerContext:
 
     def call(self, call: Call, item: Any) -> Any:
         """Run one task and return its result."""
-        if call.apply is Apply.ONE:
-            result = call.fn(item)
-        elif call.apply is Apply.STAR:
-            result = call.fn(*item)
-        else:
-            result = call.fn(*item[0], **item[1])
-        return self.resolve(result)
+        return self.resolve(invoke(call, item))
 
     def resolve(self, result: Any) -> Any:
         """Run ``result`` to completion on this worker's loop if it is a coroutine."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._calls import _state
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
-from .base import Apply, Batch, Call, Done, Failure, Sink
+from .base import Batch, Call, Done, Failure, Sink, invoke
 
 __all__ = ["AsyncBackend"]
 
@@ -202,12 +202,7 @@ class AsyncBackend:
 
 
 async def _invoke(call: Call, item: Any) -> Any:
-    if call.apply is Apply.ONE:
-        result = call.fn(item)
-    elif call.apply is Apply.STAR:
-        result = call.fn(*item)
-    else:
-        result = call.fn(*item[0], **item[1])
+    result = invoke(call, item)
     if inspect.isawaitable(result):
         return await result
     return result

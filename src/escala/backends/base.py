@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Apply", "Backend", "Batch", "Call", "Done", "Failure", "Sink"]
+__all__ = ["Apply", "Backend", "Batch", "Call", "Done", "Failure", "Sink", "invoke"]
 
 
 class Apply(enum.IntEnum):
@@ -39,6 +39,15 @@ class Call:
 
     fn: Callable[..., Any]
     apply: Apply = Apply.ONE
+
+
+def invoke(call: Call, item: Any) -> Any:
+    """Call ``call.fn`` on one task's item, as ``call.apply`` says."""
+    if call.apply is Apply.ONE:
+        return call.fn(item)
+    if call.apply is Apply.STAR:
+        return call.fn(*item)
+    return call.fn(*item[0], **item[1])
 
 
 _batch_ids = itertools.count(1)
