@@ -197,6 +197,13 @@ def test_a_pool_remembers_the_batch_size_between_runs() -> None:
     assert sizer.size == 125  # the start is still capped by this run's input
 
 
+def test_a_report_without_a_measurement_changes_nothing() -> None:
+    """A batch cut short by a dead worker or a timeout reports no busy time."""
+    sizer = BatchSizer(None, adaptive=True, workers=2, total=None)
+    sizer.observe(1, 0.0)
+    assert sizer.size == 1
+
+
 def test_fixed_batch_never_changes() -> None:
     sizer = BatchSizer(5, adaptive=True, workers=2, total=None)
     sizer.observe(5, 1e-9)

@@ -97,10 +97,10 @@ class BatchSizer:
 
     def observe(self, tasks: int, busy: float) -> None:
         """Learn from a batch of ``tasks`` that kept a worker busy ``busy`` seconds."""
-        if not self.adaptive or tasks <= 0:
-            return
+        if not self.adaptive or tasks <= 0 or busy <= 0:
+            return  # no measurement: a batch cut short by a death or a timeout
         per_task = busy / tasks
-        ideal = int(self.TARGET / per_task) if per_task > 0 else self.cap
+        ideal = int(self.TARGET / per_task)
         # A small batch (the end of the input, a retry) may show that batches should
         # shrink, but it is too small a sample to grow them from: growth is limited to
         # GROWTH × the tasks measured, and never below the current size.

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, Unpack
 from ._drive import Chunk, drive
 from ._engine import Scheduler
 from ._errors import PoolClosed
-from ._options import CallOptions, ErrorPolicy, Options, WorkerOptions
+from ._options import CallOptions, ErrorPolicy, Mode, Options, WorkerOptions
 from ._plan import (
     Plan,
     check_arguments,
@@ -50,7 +50,7 @@ class Pool:
 
     def __init__(
         self,
-        mode: str | None = None,
+        mode: Mode | None = None,
         workers: int | None = None,
         *,
         options: Options | None = None,
@@ -118,8 +118,11 @@ class Pool:
         batch = Batch(Call(fn, Apply.CALL), [index], [(args, kwargs)], self._options.timeout)
 
         def sink(done: Done) -> None:
-            if done.lost:
-                backend.submit(batch, sink)
+            if done.lost:  # never started (its worker died first): send it again
+                try:
+                    backend.submit(batch, sink)
+                except PoolClosed as exc:
+                    future.set_exception(exc)
                 return
             with self._lock:
                 self._futures.discard(future)
