@@ -240,3 +240,13 @@ def test_a_failed_start_stops_the_workers_already_started(
     with pytest.raises(OSError, match="Resource temporarily unavailable"):
         escala.map(abs, range(10), mode="processes", workers=3)
     assert len(started) == 2  # and nothing_left_behind checks that they are gone
+
+
+def test_a_function_that_cannot_be_loaded_fails_every_batch_clearly() -> None:
+    """The worker keeps the failure: later batches of the same function, sent without the
+    function's bytes, must fail the same way rather than kill the worker."""
+    outcomes = escala.map(
+        RefusesToLoad(), range(6), mode="processes", workers=1, batch=1, errors="collect"
+    )
+    assert all(isinstance(o.error, escala.SendError) for o in outcomes)
+    assert all("could not be loaded" in str(o.error) for o in outcomes)

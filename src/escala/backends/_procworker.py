@@ -95,9 +95,12 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
         return
     conn.send_bytes(dumps((Msg.READY,)))
 
-    from .base import Batch, Call
+    from .base import Batch, Call, Failure
 
     functions: dict[int, Callable[..., Any]] = {}
+    # Functions that failed to load: the parent counts them as sent, so later batches
+    # come without the bytes, and get the same failure again.
+    unloadable: dict[int, Failure] = {}
 
     cells = memoryview(slot).cast("B").cast("d")  # faster to write than the ctypes array
 
@@ -111,12 +114,19 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
         _, batch_id, fn_id, fn_bytes, apply, forget, timed, indices, items_bytes = message
         if forget:
             functions.clear()
+            unloadable.clear()
+        failure: Failure | None = None
         try:
             if fn_bytes is not None:
-                functions[fn_id] = loads(fn_bytes)
+                try:
+                    functions[fn_id] = loads(fn_bytes)
+                except BaseException as exc:
+                    unloadable[fn_id] = dump_exception(exc, where)
+            failure = unloadable.get(fn_id)
             items = loads(items_bytes)
-        except BaseException as exc:
-            failure = dump_exception(exc, where)
+        except BaseException as exc:  # an argument that cannot be rebuilt here
+            failure = failure or dump_exception(exc, where)
+        if failure is not None:
             conn.send_bytes(dumps((Msg.DONE, batch_id, None, None, 0.0, failure)))
             continue
         batch = Batch(Call(functions[fn_id], apply), indices, items, id=batch_id)
