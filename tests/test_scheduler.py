@@ -208,3 +208,18 @@ def test_fixed_batch_never_changes() -> None:
     sizer = BatchSizer(5, adaptive=True, workers=2, total=None)
     sizer.observe(5, 1e-9)
     assert sizer.size == 5
+
+
+def test_lost_bookkeeping_fails_loudly_instead_of_hanging() -> None:
+    """If the scheduler ever held tasks with nothing running or due to hand them back, the
+    driver must raise rather than wait forever (white-box: the state is forced)."""
+    import escala
+    from escala._drive import _check_progress
+
+    sched = make()
+    sched.take(["a"])
+    _check_progress(sched, None)  # one batch in flight: fine
+    sched._in_flight = 0
+    with pytest.raises(escala.EscalaError, match="lost track of 1 task"):
+        _check_progress(sched, None)
+    _check_progress(sched, due=123.0)  # a retry is due later: fine

@@ -16,6 +16,7 @@ from itertools import islice
 from typing import Any
 
 from ._engine import Scheduler
+from ._errors import EscalaError
 from ._progress import NO_PROGRESS, Progress, _NoProgress
 from .backends.base import Backend, Done
 
@@ -61,6 +62,7 @@ def drive(
                 clean = True
                 return
             due = sched.next_due()
+            _check_progress(sched, due)
             try:
                 done = done_queue.get(
                     timeout=None if due is None else max(0.0, due - time.monotonic())
@@ -142,6 +144,7 @@ async def adrive(
                 clean = True
                 return
             due = sched.next_due()
+            _check_progress(sched, due)
             if due is None:
                 done = await done_queue.get()
             else:
@@ -156,6 +159,16 @@ async def adrive(
     finally:
         progress.close()
         await _release(backend, owned=owned, clean=clean, sink=sink)
+
+
+def _check_progress(sched: Scheduler, due: float | None) -> None:
+    """Fail loudly, rather than wait forever, if nothing could ever complete the run."""
+    if sched.in_flight == 0 and due is None and sched.outstanding:
+        raise EscalaError(
+            f"escala lost track of {sched.outstanding} task(s): nothing is running or "
+            "waiting to run, but they were never handed back. This is a bug in escala; "
+            "please report it with the mode and options used."
+        )
 
 
 def _room(sched: Scheduler) -> int:
