@@ -174,3 +174,24 @@ def test_auto_batching_sends_trivial_tasks_in_few_batches(monkeypatch: pytest.Mo
     (sched,) = made
     assert sched.batches_sent < 200
     assert sched.sizer.size > 1000
+
+
+def test_many_cancelled_futures_never_hold_up_later_ones() -> None:
+    """Cancelled submissions must not be confused with later ones (their sinks die and
+    memory is reused): every later future still completes, and the pool does not keep a
+    record of every cancellation forever (white-box: the threads backend's registry)."""
+    import gc
+
+    with escala.Pool("threads", workers=1) as pool:
+        for round_ in range(50):
+            gate = threading.Event()
+            blocker = pool.submit(gate.wait, 30)
+            cancelled = [pool.submit(abs, -i) for i in range(5)]
+            assert all(f.cancel() for f in cancelled)
+            del cancelled
+            gc.collect()
+            later = [pool.submit(abs, -i) for i in range(5)]
+            gate.set()
+            assert blocker.result(timeout=30) is True
+            assert [f.result(timeout=30) for f in later] == [0, 1, 2, 3, 4], round_
+        assert len(pool._backend._cancelled) <= 5  # type: ignore[attr-defined]

@@ -81,7 +81,9 @@ class ThreadBackend:
         self._started_all = threading.Condition(self._lock)
         self._live: set[_Worker] = set()
         self._idle = threading.Semaphore(0)
-        self._cancelled: set[int] = set()
+        # Sinks whose queued batches are to be skipped, kept by id *with* the sink: holding
+        # the object keeps its id from being reused by a new sink while it is listed.
+        self._cancelled: dict[int, Sink] = {}
         self._closed = False
         self._broken: BaseException | None = None
         self._watchdog: threading.Thread | None = None
@@ -173,7 +175,14 @@ class ThreadBackend:
                 if job is None:
                     return
                 batch, sink = job
-                if id(sink) in self._cancelled:
+                if self._cancelled and self._work.empty():
+                    # nothing queued behind this job: no other can belong to a cancelled sink
+                    with self._lock:
+                        skip = id(sink) in self._cancelled
+                        self._cancelled.clear()
+                else:
+                    skip = id(sink) in self._cancelled
+                if skip:
                     pass
                 elif self._broken is not None:
                     error = Failure(error=self._broken)
@@ -281,7 +290,8 @@ class ThreadBackend:
         return run.sink, Done(batch, values, failures, lost)
 
     def cancel(self, sink: Sink) -> None:
-        self._cancelled.add(id(sink))
+        with self._lock:
+            self._cancelled[id(sink)] = sink
 
     def shutdown(self, *, cancel: bool) -> None:
         with self._lock:
