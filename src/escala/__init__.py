@@ -19,6 +19,9 @@ The map of the house (data flows one way, top to bottom)::
         ▼
     WorkerContext: runs tasks inside a worker      _calls.py    state, initializer, loops
 
+``mode="auto"`` (the default of map/imap) first asks the advisor (``advisor/``: sample,
+measure, decide, explain) and then runs the rest through the same driver (``_auto.py``).
+
 Cross-cutting: ``_errors.py`` (the exception tree), ``_pickling.py`` (what crosses a process
 boundary), ``_cpu.py`` (usable cores, native thread caps), ``_progress.py`` (rich bar).
 Backends never import each other, the API or the drivers.
@@ -47,11 +50,15 @@ from ._options import MODES as MODES
 from ._options import Options as Options
 from ._options import Retry as Retry
 from ._pool import Pool as Pool
+from ._task import task as task
+from .advisor import Advice as Advice
+from .advisor import advise as advise
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
+    "Advice",
     "BrokenWorker",
     "EngineMissing",
     "EscalaError",
@@ -66,10 +73,12 @@ __all__ = [
     "TaskError",
     "TaskTimeout",
     "WorkerDied",
+    "advise",
     "aimap",
     "amap",
     "imap",
     "map",
+    "task",
     "usable_cpus",
     "worker_state",
 ]

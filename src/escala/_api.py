@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, Unpack, overload
 
+from ._auto import run_auto
 from ._drive import Chunk, adrive, drive
 from ._engine import Outcome, Scheduler
 from ._options import ErrorPolicy, Options, RunOptions
@@ -17,6 +19,7 @@ from ._plan import (
     Plan,
     check_arguments,
     collect,
+    is_async,
     make_backend,
     make_scheduler,
     place,
@@ -104,13 +107,23 @@ def map(
         WorkerDied: the worker process running a task died.
         SendError: an item, result or exception could not cross to or from a worker.
     """
-    opts = Options.build(options, errors=errors, **kwargs)
+    opts = _resolve(fn, Options.build(options, errors=errors, **kwargs))
     check_arguments(fn, items)
+    if opts.mode == "auto":
+        return collect(run_auto(fn, items, opts, ordered=False, keep_all=True))
     if plan_for(fn, opts).engine == "async" and not _loop_running():
         # No loop in this thread: run one here, as amap would, rather than start a thread
         # for it (a few milliseconds a call, and one more thread to stop on Ctrl-C).
         return asyncio.run(_amap_collect(fn, items, opts))
     return collect(_run(fn, items, opts, ordered=False, keep_all=True))
+
+
+def _resolve(fn: Callable[..., Any], opts: Options) -> Options:
+    """The default mode is auto; for a coroutine function, auto is async at once."""
+    if opts.mode in (None, "auto"):
+        mode = "async" if is_async(fn) else "auto"
+        return replace(opts, mode=mode)  # type: ignore[arg-type]
+    return opts
 
 
 def _loop_running() -> bool:
@@ -145,8 +158,10 @@ def imap(
         options: an :class:`Options` to start from.
         **kwargs: as for :func:`map`.
     """
-    opts = Options.build(options, errors=errors, **kwargs)
+    opts = _resolve(fn, Options.build(options, errors=errors, **kwargs))
     check_arguments(fn, items)
+    if opts.mode == "auto":
+        return values_of(run_auto(fn, items, opts, ordered=ordered))
     return values_of(_run(fn, items, opts, ordered=ordered))
 
 
@@ -262,6 +277,10 @@ def _async_options(
         given["workers"] = limit
     opts = Options.build(options, errors=errors, **given)
     check_arguments(fn, items, allow_async_items=True)
+    if opts.mode == "auto":
+        # Measuring would run tasks on this thread, the event loop's: amap's own default
+        # (coroutines on the loop, plain functions on threads) is the right choice here.
+        opts = replace(opts, mode=None)
     return opts
 
 

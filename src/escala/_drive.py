@@ -33,6 +33,7 @@ def drive(
     *,
     owned: bool,
     progress: Progress | _NoProgress = NO_PROGRESS,
+    done_queue: queue.SimpleQueue[Done] | None = None,
 ) -> Iterator[Chunk]:
     """Run a whole input through ``backend``, yielding ``(indices, results)`` chunks.
 
@@ -43,8 +44,11 @@ def drive(
         owned: the run owns the backend (shut it down at the end) rather than sharing
             a pool's (cancel only this run's queued work).
         progress: the progress bar to advance.
+        done_queue: where completions arrive, when others than ``backend`` report too
+            (the tasks that ``mode="auto"`` was still sampling when it decided).
     """
-    done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
+    if done_queue is None:
+        done_queue = queue.SimpleQueue()
     sink = done_queue.put
     iterator = iter(items)
     clean = False

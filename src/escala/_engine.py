@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ._adaptive import ConcurrencyLimit
 from ._options import Retry
 from .backends.base import Batch, Call, Done
 
@@ -120,6 +121,7 @@ class Scheduler:
         timeout: per-task timeout, passed to the backend with each batch.
         window: most tasks outstanding; ``None`` is ``lookahead × workers × batch size``.
         lookahead: batches per worker kept in flight so no worker waits for the next.
+        limit: an adaptive concurrency limit; when given, it is the window (in batches).
         clock: monotonic time source.
         rand: uniform random source in [0, 1), for retry jitter.
     """
@@ -136,6 +138,7 @@ class Scheduler:
         timeout: float | None = None,
         window: int | None = None,
         lookahead: int = 2,
+        limit: ConcurrencyLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -148,6 +151,7 @@ class Scheduler:
         self._timeout = timeout
         self._window = window
         self._lookahead = lookahead
+        self.limit = limit
         self._clock = clock
         self._rand = rand
 
@@ -174,6 +178,8 @@ class Scheduler:
         """The most tasks outstanding at once."""
         if self._window is not None:
             return self._window
+        if self.limit is not None:
+            return self.limit.value * self.sizer.size
         return self._lookahead * self._workers * self.sizer.size
 
     def room(self) -> int:
@@ -182,12 +188,18 @@ class Scheduler:
             return 0
         return max(0, self.window - self._outstanding)
 
-    def take(self, items: list[Any]) -> list[Batch]:
-        """Accept items just pulled from the input; return the batches to send."""
+    def take(self, items: list[Any], *, whole: bool = False) -> list[Batch]:
+        """Accept items just pulled from the input; return the batches to send.
+
+        Args:
+            items: the items, in input order.
+            whole: make them one batch whatever the batch size (items already run or
+                running elsewhere, such as the ones sampled by ``mode="auto"``).
+        """
         start = self._next_index
         self._next_index += len(items)
         self._outstanding += len(items)
-        size = self.sizer.size
+        size = len(items) if whole else self.sizer.size
         batches = [
             Batch(self._call, range(start + i, start + i + len(chunk)), chunk, self._timeout)
             for i in range(0, len(items), size)
@@ -245,7 +257,11 @@ class Scheduler:
         self._in_flight -= 1
         batch = done.batch
         lost = done.lost
-        self.sizer.observe(len(batch.items) - len(lost), done.busy)
+        ran = len(batch.items) - len(lost)
+        self.sizer.observe(ran, done.busy)
+        if self.limit is not None and ran > 0:
+            failed = len(done.failures) if done.failures else 0
+            self.limit.record(ran, failed, done.busy / ran, self._clock())
         if self.error is not None:
             return  # failing fast: nothing more is handed back
         failures = done.failures

@@ -20,15 +20,14 @@ __all__ = [
     "WorkerOptions",
 ]
 
-Mode = Literal["sequential", "threads", "processes", "async"]
+Mode = Literal["auto", "sequential", "threads", "processes", "async"]
 ErrorPolicy = Literal["raise", "collect"]
 StartMethod = Literal["fork", "forkserver", "spawn"]
 
-MODES: tuple[str, ...] = get_args(Mode)
+#: The execution models (``"auto"`` chooses among them).
+MODES: tuple[str, ...] = get_args(Mode)[1:]
 _MAX_BATCH = (1 << 20) - 1  # a worker's slot encodes a task's position in 20 bits
 _PLANNED = {
-    "auto": "mode='auto' (measure the work and choose) is not available yet; "
-    "choose one of {modes} for now",
     "ray": "mode='ray' is not available yet; choose one of {modes}",
     "dask": "mode='dask' is not available yet; choose one of {modes}",
 }
@@ -91,8 +90,9 @@ class Options:
     """Everything that shapes a run, validated once.
 
     Args:
-        mode: the execution model; ``None`` picks threads for plain functions and async for
-            coroutine functions (``"auto"`` will take this place when it exists).
+        mode: the execution model, or ``"auto"`` (measure the work and choose). ``None``
+            is ``"auto"`` for ``map``/``imap``; for ``amap``/``aimap``, async for coroutine
+            functions and threads for plain ones; for a ``Pool``, threads.
         workers: how many tasks run at once; ``None`` means the usable cores for processes,
             ``min(32, cores + 4)`` for threads and 100 for async.
         batch: tasks sent to a worker at once; ``"auto"`` sizes batches from measured batch
@@ -123,8 +123,8 @@ class Options:
     window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in MODES:
-            modes = ", ".join(repr(m) for m in MODES)
+        if self.mode is not None and self.mode not in ("auto", *MODES):
+            modes = ", ".join(repr(m) for m in ("auto", *MODES))
             hint = _PLANNED.get(str(self.mode), "choose one of {modes}").format(modes=modes)
             raise ValueError(f"unknown mode {self.mode!r}: {hint}")
         _positive_int("workers", self.workers)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
+from ._adaptive import ConcurrencyLimit
 from ._cpu import usable_cpus
 from ._drive import Chunk
 from ._engine import BatchSizer, Scheduler
@@ -35,6 +36,12 @@ class Plan:
 
 def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
     coroutine = fn is not None and is_async(fn)
+    if options.mode == "auto":
+        raise ValueError(
+            "mode='auto' measures a function on its items: it is for escala.map and "
+            "escala.imap. A Pool keeps one kind of worker: choose its mode, or ask "
+            "escala.advise(fn, items) which one suits your work."
+        )
     mode = options.mode or ("async" if coroutine else "threads")
     engine = "threads" if mode == "async" and fn is not None and not coroutine else mode
     if options.workers is not None:
@@ -71,6 +78,7 @@ def make_scheduler(
     plan: Plan,
     start: int = 1,
     keep_all: bool = False,
+    limit: ConcurrencyLimit | None = None,
 ) -> Scheduler:
     """Return the scheduler for one run.
 
@@ -96,6 +104,7 @@ def make_scheduler(
         timeout=options.timeout,
         window=options.window,
         lookahead=1 if plan.engine == "sequential" else (4 if keep_all else 2),
+        limit=limit,
     )
 
 

@@ -1,0 +1,177 @@
+"""``mode="auto"``: measure the first items, choose a mode, run the rest, lose nothing.
+
+    items ──▶ advisor.measure ──▶ Advice ──▶ backend + scheduler for the advised mode
+                 │   sampled items, finished ──▶ scheduler (as if a worker had run them)
+                 └── sampled items still running ──▶ delivered to the driver's queue
+                                                     when the probe thread ends them
+The rest of the input goes to the advised mode through the usual driver. No item runs
+twice because it was measured.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+from ._adaptive import ConcurrencyLimit
+from ._drive import Chunk, drive
+from ._engine import Scheduler
+from ._errors import TaskTimeout
+from ._options import Options
+from ._plan import make_backend, make_scheduler, plan_for, total_of
+from ._progress import progress_for
+from .advisor import Advice, measure
+from .advisor._decide import THREADS_CAP
+from .advisor._probe import Group, Probe, Sample
+from .backends.base import Batch, Call, Done, Failure, Sink
+
+__all__ = ["run_auto"]
+
+
+def run_auto(
+    fn: Callable[..., Any],
+    items: Iterable[Any],
+    opts: Options,
+    *,
+    ordered: bool,
+    keep_all: bool = False,
+    on_advice: Callable[[Advice], None] | None = None,
+) -> Iterator[Chunk]:
+    """Measure, choose and run; yield result chunks as :func:`escala._drive.drive` does."""
+    iterator = iter(items)
+    total = total_of(items)
+    advice, sample, probe = measure(
+        fn,
+        iterator,
+        total,
+        workers=opts.workers,
+        initializer=opts.initializer,
+        initargs=opts.initargs,
+    )
+    if on_advice is not None:
+        on_advice(advice)
+    clean = False
+    timers: list[threading.Timer] = []
+    abandoned: list[Group] = []  # sampled tasks reported as timed out: never waited for
+    try:
+        if sample is not None and sample.input_error is not None:
+            raise sample.input_error
+        limit = None
+        workers = advice.workers
+        if advice.adaptive:
+            high = min(THREADS_CAP, total) if total else THREADS_CAP
+            limit = ConcurrencyLimit(advice.workers, high=max(1, high))
+            workers = limit.high  # threads start on demand; the limit decides how many
+        chosen = replace(opts, mode=advice.mode, workers=workers)  # type: ignore[arg-type]
+        plan = plan_for(fn, chosen)
+        backend = make_backend(plan, chosen)
+        sched = make_scheduler(
+            Call(fn),
+            backend,
+            chosen,
+            items,
+            ordered=ordered,
+            plan=plan,
+            start=advice.batch if isinstance(advice.batch, int) else 1,
+            keep_all=keep_all,
+            limit=limit,
+        )
+        done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
+        if sample is not None and probe is not None:
+            _absorb(sched, sample, probe, done_queue.put, opts.timeout, timers, abandoned)
+        started = False
+        try:
+            backend.start()
+            started = True
+            progress = progress_for(opts.progress, f"auto → {advice.mode}", total)
+            yield from drive(
+                backend, sched, iterator, owned=True, progress=progress, done_queue=done_queue
+            )
+            clean = True
+        finally:
+            if not started:
+                backend.shutdown(cancel=True)
+    finally:
+        for timer in timers:
+            timer.cancel()
+            timer.join()
+        if probe is not None:
+            # A sampled task that is still running cannot be stopped (it is on a thread):
+            # wait for it after a normal end, leave it to finish after an error or once
+            # it was reported as timed out.
+            probe.join(None if clean and not abandoned else 0)
+
+
+def _absorb(
+    sched: Scheduler,
+    sample: Sample,
+    probe: Probe,
+    sink: Sink,
+    timeout: float | None,
+    timers: list[threading.Timer],
+    abandoned: list[Group],
+) -> None:
+    """Hand the sampled items to the scheduler: finished ones as done, the rest in flight."""
+    running: dict[int, Batch] = {}
+    for group in sample.groups:
+        (batch,) = sched.take(group.items, whole=True)
+        if group.done:
+            sched.complete(_done(batch, group, timeout))
+        else:
+            running[id(group)] = batch
+    if not running:
+        return
+    once = threading.Lock()
+    delivered: set[int] = set()
+
+    def deliver(group: Group, done: Done, overrun: bool = False) -> None:
+        with once:
+            if id(group) in delivered:
+                return  # its timeout was reported already
+            delivered.add(id(group))
+            if overrun:
+                abandoned.append(group)
+        sink(done)
+
+    probe.hand_over(lambda group: deliver(group, _done(running[id(group)], group, timeout)))
+    if timeout is not None:
+        for group in sample.groups:
+            if id(group) in running:
+                timer = threading.Timer(
+                    max(0.0, timeout - group.wall),
+                    lambda g=group: deliver(g, _overrun(running[id(g)], timeout), True),
+                )
+                timer.daemon = True
+                timer.name = "escala-probe-timeout"
+                timers.append(timer)
+                timer.start()
+
+
+def _done(batch: Batch, group: Group, timeout: float | None) -> Done:
+    failures = {pos: Failure(error=exc) for pos, exc in group.failures.items()}
+    if timeout is not None and group.wall / len(group.items) > timeout:
+        for pos in range(len(group.items)):
+            failures.setdefault(pos, Failure(error=_timeout_error(batch, pos, timeout)))
+    return Done(batch, group.values, failures or None, busy=group.wall)
+
+
+def _overrun(batch: Batch, timeout: float) -> Done:
+    failures = {
+        pos: Failure(error=_timeout_error(batch, pos, timeout)) for pos in range(len(batch.items))
+    }
+    return Done(batch, [None] * len(batch.items), failures)
+
+
+def _timeout_error(batch: Batch, pos: int, timeout: float) -> TaskTimeout:
+    index = batch.indices[pos]
+    return TaskTimeout(
+        f"task #{index} ran past its {timeout:g}s timeout while mode='auto' was measuring "
+        "it on a thread; a thread cannot be stopped, so it was left to finish in the "
+        "background. Choose the mode yourself (mode='processes') to stop runaway tasks.",
+        index=index,
+        timeout=timeout,
+        stopped=False,
+    )

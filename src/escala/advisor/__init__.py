@@ -1,0 +1,153 @@
+"""The advisor: measure a workload on this machine, choose how to run it, say why.
+
+    measure(fn, items) ──▶ Probe (sample the first items, GIL test)  ─┐
+                        ──▶ overheads (cost of a hand-off, cached)    ─┼─▶ decide ─▶ Advice
+                        ──▶ size and picklability of fn and items     ─┘        .explain()
+
+``mode="auto"`` calls :func:`measure` and runs the rest of the input as advised, keeping
+the sampled results; :func:`advise` only measures and returns the advice.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any
+
+import cloudpickle
+
+from .._cpu import usable_cpus
+from .._task import kind_of
+from ._advice import Advice, Measurements, Reason
+from ._decide import decide, decide_for_coroutine, decide_from_hint
+from ._overhead import overheads
+from ._probe import Probe, Sample
+
+__all__ = ["Advice", "Measurements", "Reason", "advise", "measure"]
+
+#: Default concurrency of async mode (as in escala._plan).
+ASYNC_WORKERS = 100
+
+
+def _pickled_size(obj: Any) -> int | None:
+    try:
+        return len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        try:
+            return len(cloudpickle.dumps(obj))
+        except Exception:
+            return None
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    from .._plan import is_async
+
+    return is_async(fn)
+
+
+def _gil_threshold() -> float:
+    # A thread that holds the GIL keeps others waiting up to the switch interval (5 ms
+    # by default); one that releases it keeps them waiting microseconds.
+    return sys.getswitchinterval() / 4
+
+
+def measure(
+    fn: Callable[..., Any],
+    items: Iterator[Any],
+    total: int | None,
+    *,
+    workers: int | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> tuple[Advice, Sample | None, Probe | None]:
+    """Measure ``fn`` on the first items of ``items`` and decide how to run the rest.
+
+    Args:
+        fn: the task.
+        items: the input, as an iterator: the sampled items are taken from it.
+        total: how many items in all, if known.
+        workers: the caller's own choice of concurrency, which the advice keeps.
+        initializer: the run's worker initializer (the sampling thread runs it too).
+        initargs: its arguments.
+
+    Returns:
+        The advice; the sample (its results belong to the run); the probe, whose thread
+        may still be finishing one task (see :meth:`Probe.hand_over`). Sample and probe
+        are ``None`` when nothing ran (a coroutine function, or a ``kind`` hint).
+    """
+    cores = usable_cpus()
+    if _is_async(fn):
+        advice = decide_for_coroutine(workers or ASYNC_WORKERS)
+        return _with_workers(advice, workers), None, None
+    hint = kind_of(fn)
+    if hint is not None:
+        advice = decide_from_hint(hint, cores, _pickled_size(fn) is not None)
+        return _with_workers(advice, workers), None, None
+    probe = Probe(fn, 1, initializer, initargs)
+    sample = probe.sample(items, total=total)
+    wall, cpu = sample.per_task()
+    free_threaded = not getattr(sys, "_is_gil_enabled", lambda: True)()
+    gil_wait = sample.gil_wait()
+    gil_held = None if gil_wait is None else gil_wait > _gil_threshold()
+    done = [g for g in sample.groups if g.done]
+    first = sample.groups[0].items[0] if sample.groups else None
+    arg_bytes = _pickled_size(first) if sample.groups else 0
+    ok_values = [v for g in done for i, v in enumerate(g.values) if i not in g.failures]
+    result_bytes = _pickled_size(ok_values[0]) if ok_values else 0
+    picklable = arg_bytes is not None and _pickled_size(fn) is not None
+    ran = sample.count
+    if total is not None:
+        remaining: int | None = max(0, total - ran)
+    else:
+        remaining = 0 if sample.exhausted else None
+    compute_bound = wall > 0 and cpu / wall >= 0.5
+    processes_possible = compute_bound and gil_held is not False and not free_threaded
+    measured = Measurements(
+        samples=ran,
+        lower_bound=sample.lower_bound,
+        wall=wall,
+        cpu=cpu,
+        gil_held=gil_held,
+        gil_wait=gil_wait or 0.0,
+        free_threaded=free_threaded,
+        arg_bytes=arg_bytes,
+        result_bytes=result_bytes,
+        picklable=picklable,
+        total=total,
+        cores=cores,
+        overhead=overheads(cores, processes=processes_possible and picklable and cores > 1),
+    )
+    return _with_workers(decide(measured, remaining), workers), sample, probe
+
+
+def _with_workers(advice: Advice, workers: int | None) -> Advice:
+    if workers is None or advice.mode == "sequential":
+        return advice
+    from dataclasses import replace
+
+    return replace(advice, workers=workers, adaptive=False)
+
+
+def advise(fn: Callable[..., Any], items: Iterable[Any]) -> Advice:
+    """Measure ``fn`` on a few items and say how escala would run the whole input.
+
+    The first items really run (in this process, on a thread) to be measured; their
+    results are dropped. ``escala.map(fn, items, mode="auto")`` does the same measuring
+    but keeps those results, so no task runs twice.
+
+    Args:
+        fn: the task.
+        items: the input (a list, a range, any iterable).
+
+    Returns:
+        An :class:`Advice`; ``print(advice.explain())`` says why, with the figures.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {fn!r}")
+    total = len(items) if isinstance(items, Sized) else None
+    advice, _, probe = measure(fn, iter(items), total)
+    if probe is not None:
+        probe.hand_over(lambda group: None)
+        probe.join()
+    return advice

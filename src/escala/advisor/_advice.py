@@ -1,0 +1,98 @@
+"""What the advisor measured and what it chose: :class:`Advice`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["Advice", "Measurements", "Reason"]
+
+
+class Reason(enum.Enum):
+    """Why a mode was chosen; each has its own sentence in :meth:`Advice.explain`."""
+
+    COROUTINE = "coroutine"  # fn is async: its waits overlap on one event loop
+    HINT_IO = "hint-io"  # @escala.task(kind="io")
+    HINT_CPU = "hint-cpu"  # @escala.task(kind="cpu")
+    WAITS = "waits"  # CPU time a small share of wall time: I/O-bound
+    RELEASES_GIL = "releases-gil"  # CPU-bound, but two threads ran at once
+    HOLDS_GIL = "holds-gil"  # CPU-bound Python holding the GIL: processes
+    TOO_SMALL = "too-small"  # the whole job costs less than handing it off
+    ONE_CORE = "one-core"  # CPU-bound and only one usable core
+    NOT_PICKLABLE = "not-picklable"  # would be processes, but cannot be sent
+    ALL_SAMPLED = "all-sampled"  # the sampling ran every item already
+
+
+@dataclass(frozen=True, slots=True)
+class Measurements:
+    """Figures from sampling the workload on this machine.
+
+    Attributes:
+        samples: items run while measuring (their results are kept).
+        lower_bound: no task had finished when the decision came: ``wall`` and ``cpu``
+            are what the first task had used by then.
+        wall: mean wall time per task, seconds.
+        cpu: mean CPU time per task in the running thread, seconds.
+        gil_held: whether the task kept other Python threads waiting (``None`` when the
+            sample was too short to tell).
+        gil_wait: median time another thread waited for the GIL while tasks ran, seconds.
+        free_threaded: this interpreter runs without a GIL.
+        arg_bytes: pickled size of the first item (``None``: could not be pickled).
+        result_bytes: pickled size of the first result (``None``: could not be pickled).
+        picklable: the function and the first item can be sent to a worker process.
+        total: how many items in all, when the input has a length.
+        cores: usable CPU cores.
+        overhead: measured cost of a hand-off per mode on this machine, seconds:
+            ``{"processes-start": ..., "processes-task": ..., "threads-task": ...}``.
+    """
+
+    samples: int
+    lower_bound: bool
+    wall: float
+    cpu: float
+    gil_held: bool | None
+    gil_wait: float
+    free_threaded: bool
+    arg_bytes: int | None
+    result_bytes: int | None
+    picklable: bool
+    total: int | None
+    cores: int
+    overhead: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cpu_share(self) -> float:
+        """CPU time as a share of wall time (0 waits only, 1 computes only)."""
+        return min(1.0, self.cpu / self.wall) if self.wall > 0 else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """The execution model escala recommends for a workload, and why.
+
+    Attributes:
+        mode: ``"sequential"``, ``"threads"``, ``"processes"`` or ``"async"``.
+        workers: how many tasks to run at once.
+        batch: tasks per hand-off (``"auto"``: sized while running).
+        speedup: expected speed-up over sequential, from the measurements.
+        reason: the rule that decided.
+        measured: the figures behind it (``None`` when a hint skipped measuring).
+        adaptive: concurrency adjusts itself during the run (I/O-bound work).
+    """
+
+    mode: str
+    workers: int
+    batch: int | str
+    speedup: float
+    reason: Reason
+    measured: Measurements | None = None
+    adaptive: bool = False
+
+    def explain(self) -> str:
+        """Say in plain words what was measured and why this mode was chosen."""
+        from ._explain import explain
+
+        return explain(self)
+
+    def __str__(self) -> str:
+        return self.explain()

@@ -1,0 +1,104 @@
+"""The decision: from what was measured to a mode, a number of workers and a batch size.
+
+The rules, in order (each is a :class:`Reason`):
+
+1. a coroutine function runs on asyncio;
+2. a hint (``@escala.task(kind=...)``) decides without measuring;
+3. nothing left after sampling: done;
+4. work that mostly waits (CPU under half of wall time) runs on threads, as many as keep
+   the cores busy while the others wait: cores × (1 + wait / compute), capped;
+5. computing work that lets other threads run (GIL released, or no GIL at all) runs on one
+   thread per core;
+6. computing Python that holds the GIL runs in processes, batched so that hand-offs stay a
+   small part of the work, unless there is one core, or it cannot be pickled;
+7. whenever the predicted time of the chosen mode, hand-offs included, is not clearly below
+   sequential (tiny tasks, or too few of them), sequential wins.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._advice import Advice, Measurements, Reason
+
+__all__ = ["THREADS_CAP", "decide", "decide_for_coroutine", "decide_from_hint"]
+
+#: The most threads advised for waiting work (the adaptive limit may move within it).
+THREADS_CAP = 256
+#: A parallel mode must promise at least this much of a gain over sequential.
+MIN_GAIN = 1.1
+#: Batches are sized to about this much work (the engine's BatchSizer.TARGET).
+BATCH_TARGET = 0.02
+#: Pickling throughput assumed for moving arguments and results (bytes per second).
+PICKLE_RATE = 500e6
+
+
+def decide_for_coroutine(workers: int) -> Advice:
+    """Coroutine functions run on asyncio, no measuring needed."""
+    return Advice("async", workers, 1, float(workers), Reason.COROUTINE, adaptive=False)
+
+
+def decide_from_hint(kind: str, cores: int, picklable: bool) -> Advice:
+    """A ``kind`` hint decides without measuring."""
+    if kind == "io":
+        return Advice("threads", 4 * cores, 1, float(cores), Reason.HINT_IO, adaptive=True)
+    if not picklable or cores < 2:
+        return Advice("sequential", 1, "auto", 1.0, Reason.HINT_CPU)
+    return Advice("processes", cores, "auto", float(cores), Reason.HINT_CPU)
+
+
+def decide(m: Measurements, remaining: int | None) -> Advice:
+    """Choose the mode for the ``remaining`` items (``None``: unknown, assumed many).
+
+    Args:
+        m: the measurements.
+        remaining: items still to run after sampling.
+
+    Returns:
+        The advice, with its expected speed-up over sequential for the remaining items.
+    """
+    if remaining == 0:
+        return Advice("sequential", 1, 1, 1.0, Reason.ALL_SAMPLED, m)
+    wall = max(m.wall, 1e-9)
+    compute = max(m.cpu, 1e-9)
+    wait = max(0.0, m.wall - m.cpu)
+    n = remaining if remaining is not None else 10_000  # unknown length: assume many
+    sequential = n * wall
+
+    if m.cpu_share < 0.5:
+        workers = _thread_count(m.cores, wait, compute, n)
+        reason = Reason.WAITS
+        adaptive = True
+    elif m.gil_held is False or m.free_threaded:
+        workers = min(m.cores, n) if wait < compute else _thread_count(m.cores, wait, compute, n)
+        reason = Reason.RELEASES_GIL
+        adaptive = False
+    else:
+        return _processes(m, n, sequential)
+    threads_time = n * wall / workers + n * m.overhead.get("threads-task", 0.0)
+    speedup = sequential / threads_time
+    if speedup < MIN_GAIN:
+        return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
+    return Advice("threads", workers, 1, speedup, reason, m, adaptive=adaptive)
+
+
+def _thread_count(cores: int, wait: float, compute: float, n: int) -> int:
+    return max(1, min(THREADS_CAP, n, round(cores * (1 + wait / compute))))
+
+
+def _processes(m: Measurements, n: int, sequential: float) -> Advice:
+    if m.cores < 2:
+        return Advice("sequential", 1, "auto", 1.0, Reason.ONE_CORE, m)
+    if not m.picklable:
+        return Advice("sequential", 1, "auto", 1.0, Reason.NOT_PICKLABLE, m)
+    workers = min(m.cores, n)
+    moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
+    # The work spreads over the workers; sending items and taking results back happens
+    # in the caller's process, one after another, whatever the number of workers.
+    serial = m.overhead.get("processes-task", 0.0) + moved / PICKLE_RATE
+    predicted = m.overhead.get("processes-start", 0.0) + n * (m.wall / workers + serial)
+    speedup = sequential / predicted if predicted > 0 else 1.0
+    if workers < 2 or speedup < MIN_GAIN:
+        return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
+    batch = max(1, min(16384, math.floor(BATCH_TARGET / max(m.wall, 1e-9))))
+    return Advice("processes", workers, batch, speedup, Reason.HOLDS_GIL, m)

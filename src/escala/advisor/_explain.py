@@ -1,0 +1,128 @@
+"""Advice in plain words, with the figures that decided it."""
+
+from __future__ import annotations
+
+from ._advice import Advice, Measurements, Reason
+
+__all__ = ["explain", "human_time"]
+
+
+def human_time(seconds: float) -> str:
+    """Format a duration for a reader: "3.2 ms", "1.40 s", "850 µs"."""
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds >= 1e-5:
+        return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e6:.2f} µs"
+
+
+def _cores(n: int) -> str:
+    return f"{n} core" if n == 1 else f"{n} cores"
+
+
+def explain(advice: Advice) -> str:
+    """Return a few sentences: what was measured, what was chosen, and why."""
+    m = advice.measured
+    chosen = f"{advice.mode} with {advice.workers} worker" + ("" if advice.workers == 1 else "s")
+    lines: list[str] = []
+    if m is not None:
+        lines.append(_measured(m))
+    reason = advice.reason
+    if reason is Reason.COROUTINE:
+        lines.append(
+            "The function is a coroutine function (async def): its waits overlap on one "
+            f"event loop, so async was chosen, at most {advice.workers} tasks at once."
+        )
+    elif reason is Reason.HINT_IO:
+        lines.append(
+            f'It is marked @escala.task(kind="io"): nothing was measured. {chosen}, '
+            "adjusting how many run at once while it runs."
+        )
+    elif reason is Reason.HINT_CPU:
+        lines.append(f'It is marked @escala.task(kind="cpu"): nothing was measured. {chosen}.')
+    elif reason is Reason.ALL_SAMPLED:
+        lines.append("Every item already ran while measuring: there is nothing left to run.")
+    elif m is not None:
+        lines.append(_because(advice, m))
+    if advice.speedup > 1 and reason not in (Reason.COROUTINE, Reason.ALL_SAMPLED):
+        lines.append(f"Expected speed-up over sequential: about {advice.speedup:.1f}×.")
+    if advice.adaptive:
+        lines.append(
+            "How many tasks run at once is adjusted during the run: raised while it pays, "
+            "lowered when tasks slow down or fail."
+        )
+    return "\n".join(lines)
+
+
+def _measured(m: Measurements) -> str:
+    samples = f"{m.samples} sample" + ("" if m.samples == 1 else "s")
+    if m.lower_bound:
+        text = (
+            f"Measured on the first task while it ran: over {human_time(m.wall)} per task, "
+            f"{m.cpu_share:.0%} of it CPU time"
+        )
+    else:
+        text = (
+            f"Measured over {samples}: {human_time(m.wall)} per task, of which CPU "
+            f"{human_time(m.cpu)} ({m.cpu_share:.0%} of wall time)"
+        )
+    if m.free_threaded:
+        text += "; this Python has no GIL (free-threaded)"
+    elif m.gil_held is True:
+        text += f"; the task held the GIL (other threads waited {human_time(m.gil_wait)})"
+    elif m.gil_held is False:
+        text += "; the task let other threads run (the GIL was free)"
+    if m.total is not None:
+        text += f"; {m.total:,} items in all"
+    return text + "."
+
+
+def _because(advice: Advice, m: Measurements) -> str:
+    reason = advice.reason
+    wait = max(0.0, m.wall - m.cpu)
+    if reason is Reason.WAITS:
+        ratio = wait / max(m.cpu, 1e-9)
+        return (
+            f"CPU time was {m.cpu_share:.0%} of wall time: this work waits on I/O, so threads "
+            f"were chosen: {_cores(m.cores)} × (1 + {ratio:,.0f}) ≈ "
+            f"{m.cores * (1 + ratio):,.0f}, capped at {advice.workers}."
+            if m.cores * (1 + ratio) > advice.workers + 0.5
+            else f"CPU time was {m.cpu_share:.0%} of wall time: this work waits on I/O, so "
+            f"threads were chosen: {_cores(m.cores)} × (1 + {ratio:,.1f}) ≈ {advice.workers}."
+        )
+    if reason is Reason.RELEASES_GIL:
+        why = "this Python has no GIL" if m.free_threaded else "it releases the GIL"
+        return (
+            f"The work computes ({m.cpu_share:.0%} CPU), but {why}, so threads run it in "
+            f"parallel without copying anything to other processes: {advice.workers} threads."
+        )
+    if reason is Reason.HOLDS_GIL:
+        return (
+            f"The work computes ({m.cpu_share:.0%} CPU) in Python, holding the GIL: only "
+            f"processes run it on several cores, so processes were chosen, one per core "
+            f"({advice.workers}), sending about {advice.batch} task(s) per hand-off so that "
+            "hand-offs stay a small part of the work."
+        )
+    if reason is Reason.ONE_CORE:
+        return "The work computes, and only one core is usable here: sequential is fastest."
+    if reason is Reason.NOT_PICKLABLE:
+        return (
+            "The work computes in Python, holding the GIL, so processes would help, but the "
+            "function or its items cannot be sent to another process (they cannot be "
+            "pickled): sequential was chosen. Make them picklable to run in parallel."
+        )
+    handoff = m.overhead.get("processes-task") if m.cpu_share >= 0.5 else None
+    handoff = handoff if handoff is not None else m.overhead.get("threads-task", 0.0)
+    return (
+        f"Each task takes {human_time(m.wall)}; a hand-off to a worker costs about "
+        f"{human_time(handoff)} here"
+        + (
+            f" and starting processes {human_time(m.overhead['processes-start'])}"
+            if "processes-start" in m.overhead and m.cpu_share >= 0.5
+            else ""
+        )
+        + ": the work is too short, or there is too little of it, to pay for any hand-off. "
+        "Sequential was chosen."
+    )

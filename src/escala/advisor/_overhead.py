@@ -1,0 +1,44 @@
+"""What a hand-off costs on this machine, per mode: measured once per process, then cached."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+__all__ = ["overheads"]
+
+_cache: dict[tuple[str, int], float] = {}
+_lock = threading.Lock()
+
+
+def _noop(x: int) -> int:
+    return x
+
+
+def _timed(mode: str, n: int, workers: int) -> float:
+    from .._api import map as run_map
+
+    start = time.perf_counter()
+    run_map(_noop, range(n), mode=mode, workers=workers)  # type: ignore[call-overload]
+    return time.perf_counter() - start
+
+
+def overheads(cores: int, *, processes: bool) -> dict[str, float]:
+    """Return the measured cost of handing work to each mode, in seconds.
+
+    ``threads-task``: per task on threads (one task per hand-off, as threads mode sends
+    them). ``processes-start``: starting and stopping a pool of ``cores`` workers with one
+    task. ``processes-task``: per task in processes mode once batches are sized. Process
+    figures are measured only when ``processes`` is true (they start a pool, ~30 ms).
+    """
+    with _lock:
+        if ("threads-task", cores) not in _cache:
+            n = 400
+            _cache[("threads-task", cores)] = _timed("threads", n, min(cores, 4)) / n
+        if processes and ("processes-start", cores) not in _cache:
+            start = min(_timed("processes", 1, cores) for _ in range(2))
+            n = 20_000
+            many = _timed("processes", n, cores)
+            _cache[("processes-start", cores)] = start
+            _cache[("processes-task", cores)] = max(0.0, many - start) / n
+        return {kind: value for (kind, c), value in _cache.items() if c == cores}

@@ -1,0 +1,298 @@
+"""Sampling: run the first items of a run on a thread of their own and measure them.
+
+A probe thread pulls groups of items from the input and runs them, timing each group by
+the wall clock and by the thread's own CPU clock. Meanwhile the caller's thread wakes every
+millisecond and notes how late it wakes: a task that holds the GIL keeps it waiting up to
+the interpreter's switch interval (5 ms), a task that waits on I/O or runs native code that
+releases the GIL (hashlib on large buffers, zlib, numpy) lets it in at once, and so does a
+free-threaded build. That is the "two threads" test, on real items, none run twice. (Probing
+on several threads at once was tried: contention for the GIL then inflates each task's wall
+time and blurs the line between computing and waiting.)
+
+    caller thread                          probe thread ("escala-probe-0")
+    ─────────────                          ───────────────────────────────
+    start ────────────────────────────────▶ pull a group, run it, record it, repeat
+    every 1 ms: wake, note the lateness     until the time budget, the item cap or the end
+    a group runs past DECIDE_AFTER? ──────▶ stop pulling; finish the group in hand and
+    decide now, hand the group over          give it to whoever takes it over
+
+Groups grow (×4) while a group takes under a millisecond: a clock reading per tiny task
+would cost more than the task. Every sampled item counts as done: its result (or its
+exception) goes to the run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._calls import WorkerContext
+from ..backends.base import Batch, Call
+
+__all__ = ["DECIDE_AFTER", "Group", "Probe", "Sample"]
+
+#: How long sampling may take before a decision: long enough for ~10 GIL readings, short
+#: enough that running items one at a time costs little when parallel modes would win.
+BUDGET = 0.01
+#: A group running this long is measured while it runs, and the run goes on without it:
+#: the group finishes on the probe thread, beside the workers of the chosen mode.
+DECIDE_AFTER = 0.01
+#: The most items sampled; with a known length, at most this share of it.
+MAX_ITEMS = 2048
+MAX_SHARE = 1 / 16
+#: The caller's wake-up period while measuring GIL contention.
+TICK = 0.001
+#: Groups of tasks are timed together, and grow (×4) while a group takes less than this.
+GROUP_TIME = 0.001
+MAX_GROUP = 256
+
+
+@dataclass
+class Group:
+    """Items pulled and run together by one probe thread."""
+
+    items: list[Any]
+    started: float
+    cpu_start: float
+    values: list[Any] = field(default_factory=list)
+    failures: dict[int, BaseException] = field(default_factory=dict)
+    wall: float = 0.0
+    cpu: float = 0.0
+    done: bool = False
+
+
+@dataclass
+class Sample:
+    """What sampling ran and saw.
+
+    Attributes:
+        groups: every group pulled, in input order; some may still be running.
+        elapsed: how long sampling took, seconds.
+        threads: how many probe threads ran.
+        lateness: how late the caller's thread woke each time, seconds.
+        exhausted: the input ended during sampling.
+        input_error: the input itself raised while being pulled (or the initializer did).
+    """
+
+    groups: list[Group] = field(default_factory=list)
+    elapsed: float = 0.0
+    threads: int = 1
+    lateness: list[float] = field(default_factory=list)
+    exhausted: bool = False
+    input_error: BaseException | None = None
+
+    @property
+    def count(self) -> int:
+        """Items pulled while sampling (run, or still running)."""
+        return sum(len(g.items) for g in self.groups)
+
+    @property
+    def finished(self) -> int:
+        """Items run to the end while sampling."""
+        return sum(len(g.items) for g in self.groups if g.done)
+
+    @property
+    def has_running(self) -> bool:
+        """Whether groups were still running when the decision came."""
+        return any(not g.done for g in self.groups)
+
+    @property
+    def lower_bound(self) -> bool:
+        """Whether per-task times are only lower bounds (no task had finished)."""
+        return self.finished == 0 and self.has_running
+
+    def per_task(self) -> tuple[float, float]:
+        """Return mean wall and CPU seconds per task, running groups included."""
+        wall = sum(g.wall for g in self.groups)
+        cpu = sum(g.cpu for g in self.groups)
+        n = sum(len(g.items) for g in self.groups if g.done or g.wall > 0)
+        return (wall / n, cpu / n) if n else (0.0, 0.0)
+
+    def gil_wait(self) -> float | None:
+        """Mean lateness of the caller's wake-ups, or ``None`` if it never woke.
+
+        A mean, not a median: a task holding the GIL makes each wake-up last a whole
+        switch interval (5 ms) or more, so a short sample holds only one or two readings,
+        and a waiter that hardly woke at all is the signal itself.
+        """
+        return statistics.fmean(self.lateness) if self.lateness else None
+
+
+#: Receives a handed-over group when it ends (on the probe thread that ran it).
+Handover = Callable[[Group], None]
+
+
+class Probe:
+    """Run the first items of an input on a few threads of their own and measure them.
+
+    Args:
+        fn: the task.
+        threads: how many probe threads.
+        initializer: the run's worker initializer (a probe thread is a worker too).
+        initargs: its arguments.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        threads: int = 1,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self._call = Call(fn)
+        self._initializer = initializer
+        self._initargs = initargs
+        self._lock = threading.Lock()
+        self._stop = False
+        self._sample = Sample(threads=max(1, threads))
+        self._running: dict[int, tuple[Group, int | None]] = {}  # thread id -> group, clock
+        self._handover: Handover | None = None
+        self._late: list[Group] = []  # groups that ended between decision and hand_over
+        self._threads: list[threading.Thread] = []
+        self._left = 0  # probe threads still running
+        self._all_done = threading.Event()
+
+    def sample(self, items: Iterator[Any], *, total: int | None = None) -> Sample:
+        """Run items from ``items`` until the budget is spent; return what was measured.
+
+        The probes never touch ``items`` again after this returns. Groups still running
+        are in the sample, not done; :meth:`hand_over` receives them when they end.
+        """
+        sample = self._sample
+        cap = MAX_ITEMS if total is None else max(1, min(MAX_ITEMS, int(total * MAX_SHARE)))
+        start = time.perf_counter()
+        deadline = start + BUDGET
+        self._left = sample.threads
+        for n in range(sample.threads):
+            thread = threading.Thread(
+                target=self._serve,
+                args=(items, deadline, cap),
+                name=f"escala-probe-{n}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+        try:
+            while True:
+                asked = time.perf_counter()
+                if self._all_done.wait(TICK):
+                    break
+                sample.lateness.append(max(0.0, time.perf_counter() - asked - TICK))
+                with self._lock:
+                    now = time.perf_counter()
+                    if any(now - g.started >= DECIDE_AFTER for g, _ in self._running.values()):
+                        self._stop = True
+                        for group, clock in self._running.values():
+                            group.wall = now - group.started
+                            group.cpu = _cpu_since(clock, group.cpu_start)
+                        break
+        except BaseException:
+            with self._lock:  # Ctrl-C while measuring: stop pulling, drop what runs
+                self._stop = True
+                self._handover = lambda group: None
+            raise
+        sample.elapsed = time.perf_counter() - start
+        return sample
+
+    def _serve(self, items: Iterator[Any], deadline: float, cap: int) -> None:
+        clock = (
+            time.pthread_getcpuclockid(threading.get_ident())
+            if hasattr(time, "pthread_getcpuclockid")
+            else None
+        )
+        sample = self._sample
+        ctx = WorkerContext(self._initializer, self._initargs)
+        ctx.enter()
+        size = 1
+        try:
+            ctx.initialize()
+            while True:
+                with self._lock:
+                    pulled = sample.count
+                    if self._stop or pulled >= cap or (pulled and time.perf_counter() >= deadline):
+                        break
+                    group_items = self._pull(items, min(size, cap - pulled))
+                    if not group_items:
+                        break
+                    group = Group(group_items, time.perf_counter(), time.thread_time())
+                    sample.groups.append(group)
+                    self._running[threading.get_ident()] = (group, clock)
+                self._run(ctx, group)
+                if group.wall < GROUP_TIME:
+                    size = min(size * 4, MAX_GROUP)
+        except Exception as exc:  # the initializer failed: the run reports it
+            with self._lock:
+                sample.input_error = sample.input_error or exc
+                self._stop = True
+        finally:
+            ctx.close()
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self._all_done.set()
+
+    def _pull(self, items: Iterator[Any], count: int) -> list[Any]:
+        """Take up to ``count`` items (the lock is held); note the end or a failing input."""
+        group: list[Any] = []
+        while len(group) < count:
+            try:
+                group.append(next(items))
+            except StopIteration:
+                self._sample.exhausted = True
+                self._stop = True
+                break
+            except Exception as exc:  # the input itself failed: the run raises it
+                self._sample.input_error = exc
+                self._stop = True
+                break
+        return group
+
+    def _run(self, ctx: WorkerContext, group: Group) -> None:
+        values, errors, _ = ctx.run_batch(Batch(self._call, range(len(group.items)), group.items))
+        cpu = time.thread_time() - group.cpu_start
+        wall = time.perf_counter() - group.started
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+            decided = self._stop and not group.done and group.wall > 0
+            group.values, group.failures = values, errors or {}
+            group.wall, group.cpu, group.done = wall, cpu, True
+            if not decided:
+                return
+            handover = self._handover
+            if handover is None:
+                self._late.append(group)
+                return
+        handover(group)
+
+    def hand_over(self, receive: Handover) -> None:
+        """Give each group still running at the decision to ``receive`` when it ends.
+
+        ``receive(group)`` runs on the probe thread that ran the group, or here, at once,
+        for a group that ended while the caller was deciding.
+        """
+        with self._lock:
+            late, self._late = self._late, []
+            self._handover = receive
+        for group in late:
+            receive(group)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the probe threads; return whether they have all ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(left)
+        return not any(thread.is_alive() for thread in self._threads)
+
+
+def _cpu_since(clock: int | None, start: float) -> float:
+    if clock is None:
+        return 0.0
+    try:
+        return max(0.0, time.clock_gettime(clock) - start)
+    except OSError:  # pragma: no cover - the thread ended meanwhile
+        return 0.0
