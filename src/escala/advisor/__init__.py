@@ -20,7 +20,7 @@ import cloudpickle
 from .._cpu import usable_cpus
 from .._task import kind_of
 from ._advice import Advice, Measurements, Reason
-from ._decide import decide, decide_for_coroutine, decide_from_hint
+from ._decide import TINY_JOB, decide, decide_for_coroutine, decide_from_hint
 from ._overhead import overheads
 from ._probe import Probe, Sample
 
@@ -103,6 +103,16 @@ def measure(
         remaining = 0 if sample.exhausted else None
     compute_bound = wall > 0 and cpu / wall >= 0.5
     processes_possible = compute_bound and gil_held is not False and not free_threaded
+    tiny = remaining is not None and wall * remaining < TINY_JOB
+    overhead = (
+        {}  # nothing can pay for a hand-off: do not spend time measuring one
+        if tiny or remaining == 0
+        else overheads(
+            cores,
+            processes=processes_possible and picklable and cores > 1,
+            contended=sample.has_running,
+        )
+    )
     measured = Measurements(
         samples=ran,
         lower_bound=sample.lower_bound,
@@ -116,7 +126,7 @@ def measure(
         picklable=picklable,
         total=total,
         cores=cores,
-        overhead=overheads(cores, processes=processes_possible and picklable and cores > 1),
+        overhead=overhead,
     )
     return _with_workers(decide(measured, remaining), workers), sample, probe
 

@@ -12,7 +12,8 @@ The rules, in order (each is a :class:`Reason`):
 6. computing Python that holds the GIL runs in processes, batched so that hand-offs stay a
    small part of the work, unless there is one core, or it cannot be pickled;
 7. whenever the predicted time of the chosen mode, hand-offs included, is not clearly below
-   sequential (tiny tasks, or too few of them), sequential wins.
+   sequential (tiny tasks, or too few of them), sequential wins; a whole job under
+   ``TINY_JOB`` does not even measure what a hand-off costs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ MIN_GAIN = 1.1
 BATCH_TARGET = 0.02
 #: Pickling throughput assumed for moving arguments and results (bytes per second).
 PICKLE_RATE = 500e6
+#: A whole job shorter than this runs sequentially without measuring any hand-off: no
+#: worker starts faster.
+TINY_JOB = 0.005
 
 
 def decide_for_coroutine(workers: int) -> Advice:
@@ -64,6 +68,8 @@ def decide(m: Measurements, remaining: int | None) -> Advice:
     wait = max(0.0, m.wall - m.cpu)
     n = remaining if remaining is not None else 10_000  # unknown length: assume many
     sequential = n * wall
+    if remaining is not None and sequential < TINY_JOB:
+        return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
 
     if m.cpu_share < 0.5:
         workers = _thread_count(m.cores, wait, compute, n)

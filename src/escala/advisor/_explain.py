@@ -113,6 +113,12 @@ def _because(advice: Advice, m: Measurements) -> str:
             "function or its items cannot be sent to another process (they cannot be "
             "pickled): sequential was chosen. Make them picklable to run in parallel."
         )
+    if not m.overhead:
+        total = m.wall * (m.total - m.samples) if m.total is not None else 0.0
+        return (
+            f"The whole job would take about {human_time(total)} sequentially: less than "
+            "starting any worker costs, so sequential was chosen."
+        )
     handoff = m.overhead.get("processes-task") if m.cpu_share >= 0.5 else None
     handoff = handoff if handoff is not None else m.overhead.get("threads-task", 0.0)
     return (

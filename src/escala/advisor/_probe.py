@@ -13,7 +13,7 @@ time and blurs the line between computing and waiting.)
     ─────────────                          ───────────────────────────────
     start ────────────────────────────────▶ pull a group, run it, record it, repeat
     every 1 ms: wake, note the lateness     until the time budget, the item cap or the end
-    a group runs past DECIDE_AFTER? ──────▶ stop pulling; finish the group in hand and
+    a group runs past the window? ────────▶ stop pulling; finish the group in hand and
     decide now, hand the group over          give it to whoever takes it over
 
 Groups grow (×4) while a group takes under a millisecond: a clock reading per tiny task
@@ -24,6 +24,7 @@ exception) goes to the run.
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,14 +34,14 @@ from typing import Any
 from .._calls import WorkerContext
 from ..backends.base import Batch, Call
 
-__all__ = ["DECIDE_AFTER", "Group", "Probe", "Sample"]
+__all__ = ["Group", "Probe", "Sample", "budget"]
 
-#: How long sampling may take before a decision: long enough for ~10 GIL readings, short
-#: enough that running items one at a time costs little when parallel modes would win.
-BUDGET = 0.01
-#: A group running this long is measured while it runs, and the run goes on without it:
-#: the group finishes on the probe thread, beside the workers of the chosen mode.
-DECIDE_AFTER = 0.01
+#: How long sampling may take before a decision, in switch intervals (5 ms by default): a
+#: task holding the GIL makes each reading last one interval, so the window must hold a
+#: few; short enough that running items one at a time costs little when parallel wins.
+#: A group still running when the window closes is measured as it runs, and the run goes
+#: on without it: the group finishes on the probe thread, beside the chosen workers.
+BUDGET_INTERVALS = 2.5
 #: The most items sampled; with a known length, at most this share of it.
 MAX_ITEMS = 2048
 MAX_SHARE = 1 / 16
@@ -49,6 +50,11 @@ TICK = 0.001
 #: Groups of tasks are timed together, and grow (×4) while a group takes less than this.
 GROUP_TIME = 0.001
 MAX_GROUP = 256
+
+
+def budget() -> float:
+    """Return the sampling window in seconds (the same for deciding on a running task)."""
+    return max(0.005, BUDGET_INTERVALS * sys.getswitchinterval())
 
 
 @dataclass
@@ -165,7 +171,8 @@ class Probe:
         sample = self._sample
         cap = MAX_ITEMS if total is None else max(1, min(MAX_ITEMS, int(total * MAX_SHARE)))
         start = time.perf_counter()
-        deadline = start + BUDGET
+        window = budget()
+        deadline = start + window
         self._left = sample.threads
         for n in range(sample.threads):
             thread = threading.Thread(
@@ -178,13 +185,20 @@ class Probe:
             thread.start()
         try:
             while True:
+                with self._lock:
+                    measuring = bool(self._running)  # readings count while a task runs
                 asked = time.perf_counter()
-                if self._all_done.wait(TICK):
+                finished = self._all_done.wait(TICK)
+                late = time.perf_counter() - asked - TICK
+                # A wake-up cut short by the end of sampling says nothing, unless it still
+                # came late: then the GIL kept this thread waiting all the same.
+                if measuring and (not finished or late > 0):
+                    sample.lateness.append(max(0.0, late))
+                if finished:
                     break
-                sample.lateness.append(max(0.0, time.perf_counter() - asked - TICK))
                 with self._lock:
                     now = time.perf_counter()
-                    if any(now - g.started >= DECIDE_AFTER for g, _ in self._running.values()):
+                    if any(now - g.started >= window for g, _ in self._running.values()):
                         self._stop = True
                         for group, clock in self._running.values():
                             group.wall = now - group.started
