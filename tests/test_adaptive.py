@@ -134,6 +134,7 @@ def measured(**given: object) -> Measurements:
         "lower_bound": False,
         "wall": 0.01,
         "cpu": 0.01,
+        "queued": 0.0,
         "gil_held": True,
         "gil_wait": 0.005,
         "free_threaded": False,

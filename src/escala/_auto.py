@@ -62,9 +62,12 @@ def run_auto(
         limit = None
         workers = advice.workers
         if advice.adaptive:
+            # Sampled tasks still finishing on the probe thread sit in the window without
+            # using one of the backend's threads: make room for them on top.
+            running = len(sample.groups) - sum(g.done for g in sample.groups) if sample else 0
             high = min(THREADS_CAP, total) if total else THREADS_CAP
-            limit = ConcurrencyLimit(advice.workers, high=max(1, high))
-            workers = limit.high  # threads start on demand; the limit decides how many
+            limit = ConcurrencyLimit(advice.workers + running, high=max(1, high + running))
+            workers = high  # threads start on demand; the limit decides how many
         chosen = replace(opts, mode=advice.mode, workers=workers)  # type: ignore[arg-type]
         plan = plan_for(fn, chosen)
         backend = make_backend(plan, chosen)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["NATIVE_THREAD_VARS", "cap_native_threads", "usable_cpus"]
@@ -53,10 +54,28 @@ def usable_cpus(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
     count = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
         count = min(count, len(os.sched_getaffinity(0)))
-    quota = cgroup_cpu_quota(cgroup_root)
+    root = os.fspath(cgroup_root)
+    quota = _cached_quota(root) if root == _DEFAULT_ROOT else cgroup_cpu_quota(root)
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
+
+
+_DEFAULT_ROOT = "/sys/fs/cgroup"
+_quota_cache: dict[str, tuple[float, float | None]] = {}
+#: Seconds a cgroup quota reading is reused: it takes several file reads, and every run
+#: asks; quotas change rarely (a container resized), so a few seconds late is fine.
+QUOTA_TTL = 5.0
+
+
+def _cached_quota(root: str) -> float | None:
+    now = time.monotonic()
+    cached = _quota_cache.get(root)
+    if cached is not None and now - cached[0] < QUOTA_TTL:
+        return cached[1]
+    quota = cgroup_cpu_quota(root)
+    _quota_cache[root] = (now, quota)
+    return quota
 
 
 def cgroup_cpu_quota(

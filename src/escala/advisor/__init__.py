@@ -30,6 +30,9 @@ __all__ = ["Advice", "Measurements", "Reason", "advise", "measure"]
 ASYNC_WORKERS = 100
 
 
+_NONE: Any = object()
+
+
 def _pickled_size(obj: Any) -> int | None:
     try:
         return len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
@@ -86,22 +89,22 @@ def measure(
         return _with_workers(advice, workers), None, None
     probe = Probe(fn, 1, initializer, initargs)
     sample = probe.sample(items, total=total)
-    wall, cpu = sample.per_task()
+    wall, cpu, queued = sample.per_task()
     free_threaded = not getattr(sys, "_is_gil_enabled", lambda: True)()
     gil_wait = sample.gil_wait()
     gil_held = None if gil_wait is None else gil_wait > _gil_threshold()
     done = [g for g in sample.groups if g.done]
     first = sample.groups[0].items[0] if sample.groups else None
     arg_bytes = _pickled_size(first) if sample.groups else 0
-    ok_values = [v for g in done for i, v in enumerate(g.values) if i not in g.failures]
-    result_bytes = _pickled_size(ok_values[0]) if ok_values else 0
+    first_ok = next((v for g in done for i, v in enumerate(g.values) if i not in g.failures), _NONE)
+    result_bytes = _pickled_size(first_ok) if first_ok is not _NONE else 0
     picklable = arg_bytes is not None and _pickled_size(fn) is not None
     ran = sample.count
     if total is not None:
         remaining: int | None = max(0, total - ran)
     else:
         remaining = 0 if sample.exhausted else None
-    compute_bound = wall > 0 and cpu / wall >= 0.5
+    compute_bound = wall > 0 and cpu / max(cpu, wall - queued) >= 0.5
     processes_possible = compute_bound and gil_held is not False and not free_threaded
     tiny = remaining is not None and wall * remaining < TINY_JOB
     overhead = (
@@ -118,6 +121,7 @@ def measure(
         lower_bound=sample.lower_bound,
         wall=wall,
         cpu=cpu,
+        queued=queued,
         gil_held=gil_held,
         gil_wait=gil_wait or 0.0,
         free_threaded=free_threaded,

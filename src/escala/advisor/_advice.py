@@ -33,6 +33,8 @@ class Measurements:
             are what the first task had used by then.
         wall: mean wall time per task, seconds.
         cpu: mean CPU time per task in the running thread, seconds.
+        queued: mean time per task the thread was ready but had no core (the machine busy
+            with other work), seconds; neither computing nor waiting on I/O.
         gil_held: whether the task kept other Python threads waiting (``None`` when the
             sample was too short to tell).
         gil_wait: median time another thread waited for the GIL while tasks ran, seconds.
@@ -50,6 +52,7 @@ class Measurements:
     lower_bound: bool
     wall: float
     cpu: float
+    queued: float
     gil_held: bool | None
     gil_wait: float
     free_threaded: bool
@@ -62,8 +65,13 @@ class Measurements:
 
     @property
     def cpu_share(self) -> float:
-        """CPU time as a share of wall time (0 waits only, 1 computes only)."""
-        return min(1.0, self.cpu / self.wall) if self.wall > 0 else 1.0
+        """CPU time as a share of the time the task could run (0 waits, 1 computes).
+
+        Time spent queued for a core does not count as waiting: on a busy machine a
+        computing task gets less CPU per second, but it does not wait on I/O.
+        """
+        active = self.wall - self.queued
+        return min(1.0, self.cpu / active) if active > 0 else 1.0
 
 
 @dataclass(frozen=True, slots=True)

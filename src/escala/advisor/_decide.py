@@ -65,7 +65,7 @@ def decide(m: Measurements, remaining: int | None) -> Advice:
         return Advice("sequential", 1, 1, 1.0, Reason.ALL_SAMPLED, m)
     wall = max(m.wall, 1e-9)
     compute = max(m.cpu, 1e-9)
-    wait = max(0.0, m.wall - m.cpu)
+    wait = max(0.0, m.wall - m.queued - m.cpu)  # queued for a core is not waiting on I/O
     n = remaining if remaining is not None else 10_000  # unknown length: assume many
     sequential = n * wall
     if remaining is not None and sequential < TINY_JOB:

@@ -68,6 +68,11 @@ def _measured(m: Measurements) -> str:
             f"Measured over {samples}: {human_time(m.wall)} per task, of which CPU "
             f"{human_time(m.cpu)} ({m.cpu_share:.0%} of wall time)"
         )
+    if m.queued > 0.1 * m.wall:
+        text += (
+            f" (another {human_time(m.queued)} waiting for a free core: the machine is busy, "
+            "which is not counted as waiting on I/O)"
+        )
     if m.free_threaded:
         text += "; this Python has no GIL (free-threaded)"
     elif m.gil_held is True:
@@ -81,7 +86,7 @@ def _measured(m: Measurements) -> str:
 
 def _because(advice: Advice, m: Measurements) -> str:
     reason = advice.reason
-    wait = max(0.0, m.wall - m.cpu)
+    wait = max(0.0, m.wall - m.queued - m.cpu)
     if reason is Reason.WAITS:
         ratio = wait / max(m.cpu, 1e-9)
         return (

@@ -12,7 +12,8 @@ time and blurs the line between computing and waiting.)
     caller thread                          probe thread ("escala-probe-0")
     ─────────────                          ───────────────────────────────
     start ────────────────────────────────▶ pull a group, run it, record it, repeat
-    every 1 ms: wake, note the lateness     until the time budget, the item cap or the end
+    every 1 ms: wake (late if the GIL       until the time budget, the item cap or the end
+      is held elsewhere)
     a group runs past the window? ────────▶ stop pulling; finish the group in hand and
     decide now, hand the group over          give it to whoever takes it over
 
@@ -23,7 +24,6 @@ exception) goes to the run.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import threading
 import time
@@ -44,6 +44,10 @@ __all__ = ["Group", "Probe", "Sample", "budget"]
 BUDGET_INTERVALS = 2.5
 #: The most items sampled; with a known length, at most this share of it.
 MAX_ITEMS = 2048
+#: A running group this old that has used under WAITING_SHARE of its time in CPU is I/O:
+#: decide at once, without waiting for the window to close.
+EARLY = 0.004
+WAITING_SHARE = 0.1
 MAX_SHARE = 1 / 16
 #: The caller's wake-up period while measuring GIL contention.
 TICK = 0.001
@@ -64,10 +68,12 @@ class Group:
     items: list[Any]
     started: float
     cpu_start: float
+    queued_start: float | None = None
     values: list[Any] = field(default_factory=list)
     failures: dict[int, BaseException] = field(default_factory=dict)
     wall: float = 0.0
     cpu: float = 0.0
+    queued: float = 0.0  # time the thread was ready to run but had no core
     done: bool = False
 
 
@@ -79,7 +85,9 @@ class Sample:
         groups: every group pulled, in input order; some may still be running.
         elapsed: how long sampling took, seconds.
         threads: how many probe threads ran.
-        lateness: how late the caller's thread woke each time, seconds.
+        gil_wait_mean: the caller's thread, waking every millisecond, was kept from running
+            this long per wake-up on average (by the GIL, when a task holds it); ``None``
+            when sampling was too short to tell.
         exhausted: the input ended during sampling.
         input_error: the input itself raised while being pulled (or the initializer did).
     """
@@ -87,7 +95,7 @@ class Sample:
     groups: list[Group] = field(default_factory=list)
     elapsed: float = 0.0
     threads: int = 1
-    lateness: list[float] = field(default_factory=list)
+    gil_wait_mean: float | None = None
     exhausted: bool = False
     input_error: BaseException | None = None
 
@@ -111,21 +119,28 @@ class Sample:
         """Whether per-task times are only lower bounds (no task had finished)."""
         return self.finished == 0 and self.has_running
 
-    def per_task(self) -> tuple[float, float]:
-        """Return mean wall and CPU seconds per task, running groups included."""
+    def per_task(self) -> tuple[float, float, float]:
+        """Return mean wall, CPU and queued seconds per task, running groups included.
+
+        Queued time is time the probe thread was ready to run but got no core (the machine
+        busy with other work): it is neither computing nor waiting on I/O.
+        """
         wall = sum(g.wall for g in self.groups)
         cpu = sum(g.cpu for g in self.groups)
+        queued = sum(g.queued for g in self.groups)
         n = sum(len(g.items) for g in self.groups if g.done or g.wall > 0)
-        return (wall / n, cpu / n) if n else (0.0, 0.0)
+        return (wall / n, cpu / n, queued / n) if n else (0.0, 0.0, 0.0)
 
     def gil_wait(self) -> float | None:
-        """Mean lateness of the caller's wake-ups, or ``None`` if it never woke.
+        """How long the caller's thread was kept waiting per wake-up, or ``None``.
 
-        A mean, not a median: a task holding the GIL makes each wake-up last a whole
-        switch interval (5 ms) or more, so a short sample holds only one or two readings,
-        and a waiter that hardly woke at all is the signal itself.
+        Counted over the whole window (its length less the time the thread chose to
+        sleep), not per reading: a task holding the GIL keeps the waiter out for whole
+        switch intervals (5 ms), a short window holds only one or two wake-ups, and one
+        that lands just as the task ends looks prompt. A waiter that hardly woke at all is
+        the signal itself.
         """
-        return statistics.fmean(self.lateness) if self.lateness else None
+        return self.gil_wait_mean
 
 
 #: Receives a handed-over group when it ends (on the probe thread that ran it).
@@ -155,7 +170,8 @@ class Probe:
         self._lock = threading.Lock()
         self._stop = False
         self._sample = Sample(threads=max(1, threads))
-        self._running: dict[int, tuple[Group, int | None]] = {}  # thread id -> group, clock
+        # thread id -> (group, CPU clock, native thread id)
+        self._running: dict[int, tuple[Group, int | None, int]] = {}
         self._handover: Handover | None = None
         self._late: list[Group] = []  # groups that ended between decision and hand_over
         self._threads: list[threading.Thread] = []
@@ -170,6 +186,7 @@ class Probe:
         """
         sample = self._sample
         cap = MAX_ITEMS if total is None else max(1, min(MAX_ITEMS, int(total * MAX_SHARE)))
+        queued_before = run_delay()
         start = time.perf_counter()
         window = budget()
         deadline = start + window
@@ -183,26 +200,28 @@ class Probe:
             )
             self._threads.append(thread)
             thread.start()
+        slept = 0.0  # time this thread chose to sleep; the rest of the window, it was busy
+        wakes = 0  # or starved of the GIL
         try:
             while True:
-                with self._lock:
-                    measuring = bool(self._running)  # readings count while a task runs
                 asked = time.perf_counter()
                 finished = self._all_done.wait(TICK)
-                late = time.perf_counter() - asked - TICK
-                # A wake-up cut short by the end of sampling says nothing, unless it still
-                # came late: then the GIL kept this thread waiting all the same.
-                if measuring and (not finished or late > 0):
-                    sample.lateness.append(max(0.0, late))
+                woke = time.perf_counter()
+                slept += min(TICK, woke - asked)
+                wakes += 1
                 if finished:
                     break
                 with self._lock:
                     now = time.perf_counter()
-                    if any(now - g.started >= window for g, _ in self._running.values()):
+                    if any(
+                        now - g.started >= window or _clearly_waiting(g, clock, native, now)
+                        for g, clock, native in self._running.values()
+                    ):
                         self._stop = True
-                        for group, clock in self._running.values():
+                        for group, clock, native in self._running.values():
                             group.wall = now - group.started
                             group.cpu = _cpu_since(clock, group.cpu_start)
+                            group.queued = _queued_since(group.queued_start, native)
                         break
         except BaseException:
             with self._lock:  # Ctrl-C while measuring: stop pulling, drop what runs
@@ -210,6 +229,11 @@ class Probe:
                 self._handover = lambda group: None
             raise
         sample.elapsed = time.perf_counter() - start
+        if sample.elapsed >= sys.getswitchinterval():  # shorter says nothing about the GIL
+            # Time this thread could not run for want of a core is not the GIL's doing.
+            starved = _queued_since(queued_before, None)
+            kept_out = sample.elapsed - slept - starved
+            sample.gil_wait_mean = max(0.0, kept_out) / max(1, wakes)
         return sample
 
     def _serve(self, items: Iterator[Any], deadline: float, cap: int) -> None:
@@ -218,6 +242,7 @@ class Probe:
             if hasattr(time, "pthread_getcpuclockid")
             else None
         )
+        native = threading.get_native_id()
         sample = self._sample
         ctx = WorkerContext(self._initializer, self._initargs)
         ctx.enter()
@@ -232,9 +257,9 @@ class Probe:
                     group_items = self._pull(items, min(size, cap - pulled))
                     if not group_items:
                         break
-                    group = Group(group_items, time.perf_counter(), time.thread_time())
+                    group = Group(group_items, time.perf_counter(), time.thread_time(), run_delay())
                     sample.groups.append(group)
-                    self._running[threading.get_ident()] = (group, clock)
+                    self._running[threading.get_ident()] = (group, clock, native)
                 self._run(ctx, group)
                 if group.wall < GROUP_TIME:
                     size = min(size * 4, MAX_GROUP)
@@ -269,11 +294,12 @@ class Probe:
         values, errors, _ = ctx.run_batch(Batch(self._call, range(len(group.items)), group.items))
         cpu = time.thread_time() - group.cpu_start
         wall = time.perf_counter() - group.started
+        queued = _queued_since(group.queued_start, None)
         with self._lock:
             self._running.pop(threading.get_ident(), None)
             decided = self._stop and not group.done and group.wall > 0
             group.values, group.failures = values, errors or {}
-            group.wall, group.cpu, group.done = wall, cpu, True
+            group.wall, group.cpu, group.queued, group.done = wall, cpu, queued, True
             if not decided:
                 return
             handover = self._handover
@@ -301,6 +327,41 @@ class Probe:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(left)
         return not any(thread.is_alive() for thread in self._threads)
+
+
+def _clearly_waiting(group: Group, clock: int | None, native: int, now: float) -> bool:
+    """Whether a running group has waited long enough, using little CPU, to call it I/O.
+
+    Work that waits goes to threads whatever the GIL does, so there is no need to sit out
+    the whole window to time the GIL: a few milliseconds at under a tenth of CPU will do.
+    (Not less: a probe thread the OS has not run yet also shows no CPU.)
+    """
+    elapsed = now - group.started - _queued_since(group.queued_start, native)
+    return elapsed >= EARLY and _cpu_since(clock, group.cpu_start) < WAITING_SHARE * elapsed
+
+
+def run_delay(native: int | None = None) -> float | None:
+    """Return seconds a thread has spent ready to run but without a core, if Linux says.
+
+    From ``/proc/.../schedstat`` (its second field): ``None`` elsewhere, or where the
+    kernel keeps no such count. ``native`` is a thread's native id; ``None`` is this thread.
+    """
+    path = (
+        "/proc/thread-self/schedstat" if native is None else f"/proc/self/task/{native}/schedstat"
+    )
+    try:
+        with open(path, "rb") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _queued_since(start: float | None, native: int | None) -> float:
+    """Run-queue delay of a thread since ``start`` (0 when unknown)."""
+    if start is None:
+        return 0.0
+    now = run_delay(native)
+    return max(0.0, now - start) if now is not None else 0.0
 
 
 def _cpu_since(clock: int | None, start: float) -> float:

@@ -1,0 +1,156 @@
+"""mode="auto" against the best fixed mode, on every built-in workload.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_auto.py [--scale 1.0] [--repeat 5] [--markdown PATH]
+
+Targets (core issue on auto mode): on every built-in workload, auto finishes within 10 % of
+the best fixed mode, its measuring included; on trivial tasks it is never more than 10 %
+slower than sequential. "Fixed modes" here are the ones that run the same function:
+sequential, threads and processes with their default sizes, and threads with one thread
+per item (the best any thread count can do for waiting work). The async rows of the
+built-in workloads run an async twin of the function, another program; they are shown for
+reference, not counted.
+
+Each workload is prepared once; the modes take turns for ``--repeat`` rounds, and each
+keeps its best time. A first auto call in a fresh process also measures what a hand-off
+costs on the machine (cached for the process): that one-time cost is measured and reported
+separately, in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import subprocess
+import sys
+import time
+
+import escala
+from benchlib import Table, machine_line, markdown, secs, show
+from escala import bench
+
+FIXED = ("sequential", "threads", "processes")
+
+
+def run_workload(name: str, scale: float, repeat: int) -> Table:
+    workload = bench.workloads.get(name)
+    modes = (*FIXED, "async", "auto")
+    comparison = bench.compare(workload, modes, scale=scale, repeat=repeat)
+    with workload.prepared(scale) as prepared:
+        items = len(prepared.items)
+    one_each = bench.compare(
+        workload, ("sequential", "threads"), scale=scale, workers=items, repeat=repeat
+    ).result("threads")
+    table = Table(
+        f"{comparison.title} ({name}, {items} items)",
+        ["mode", "workers", "wall (best)", "ratio to best fixed mode"],
+    )
+    fixed = [r for r in comparison.results if r.mode in FIXED and r.ran and r.correct]
+    if one_each is not None and one_each.ran and one_each.correct:
+        fixed.append(one_each)
+    best_run = min(fixed, key=lambda r: r.wall)
+    rows = [*comparison.results]
+    if one_each is not None:
+        rows.insert(3, one_each)
+    for run in rows:
+        label = run.mode
+        if run is one_each:
+            label = "threads (one per item)"
+        if run.advice is not None:
+            label = f"auto → {run.advice.mode}"
+        counted = "" if run.mode in FIXED or run.mode == "auto" else " (async twin, not counted)"
+        table.rows.append(
+            [
+                label + counted,
+                str(run.workers) if run.ran else "—",
+                secs(run.wall) if run.ran else "—",
+                f"{run.wall / best_run.wall:.2f}×" if run.ran else "—",
+            ]
+        )
+    auto = comparison.result("auto")
+    assert auto is not None
+    best_label = "threads (one per item)" if best_run is one_each else best_run.mode
+    ratio = auto.wall / best_run.wall
+    table.targets.append(
+        (
+            f"{name}: auto within 10 % of the best fixed mode ({best_label})",
+            f"{ratio:.2f}×",
+            "met" if ratio <= 1.10 else f"missed by {(ratio - 1.10) * 100:.0f} points",
+        )
+    )
+    if name == "trivial":
+        seq = comparison.result("sequential")
+        assert seq is not None
+        slower = auto.wall / seq.wall
+        table.targets.append(
+            (
+                "trivial: auto never more than 10 % slower than sequential",
+                f"{slower:.2f}×",
+                "met" if slower <= 1.10 else f"missed by {(slower - 1.10) * 100:.0f} points",
+            )
+        )
+    if auto.advice is not None:
+        chosen = auto.advice.mode
+        table.notes.append(
+            f"auto chose {chosen} with {auto.advice.workers} workers"
+            f" ({auto.advice.reason.value}); the built-in workload expects {workload.expected}."
+        )
+    return table
+
+
+FIRST_CALL = """
+import time, escala
+from escala.advisor import _overhead
+def spin(n):
+    t = 0
+    for i in range(n):
+        t += i * i
+    return t
+start = time.perf_counter()
+_overhead.overheads(escala.usable_cpus(), processes=True)
+print(time.perf_counter() - start)
+"""
+
+
+def one_time_cost() -> float:
+    """Seconds a fresh process spends measuring hand-off costs on its first auto call."""
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--markdown", metavar="PATH")
+    args = parser.parse_args()
+    header = [
+        f"- Machine: {machine_line()}",
+        f"- Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+    ]
+    for line in header:
+        print(line)
+    escala.advise(escala.usable_cpus, range(3))  # the process's one-time measurements
+    started = time.perf_counter()
+    tables = [run_workload(name, args.scale, args.repeat) for name in bench.workloads.names()]
+    cost = one_time_cost()
+    tables[-1].notes.append(
+        f"A process's first auto call also measures hand-off costs once: {secs(cost)} in a "
+        "fresh interpreter (threads and processes); later calls use the cached figures. "
+        "The rows above were timed after that first call."
+    )
+    for table in tables:
+        show(table)
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown(tables, header))
+
+
+if __name__ == "__main__":
+    main()
