@@ -17,65 +17,92 @@ from escala.backends.base import Call
 from escala.backends.threads import ThreadBackend
 
 
-def feed(
-    limit: ConcurrencyLimit,
-    latency: float,
-    *,
-    failed: int = 0,
-    seconds: float = 0.1,
-    start: float = 0.0,
-) -> float:
-    """Report one interval's worth of completions at a given latency; return the new time."""
-    now = start + seconds
-    limit.record(20, failed, latency, now)
-    return now
+class Service:
+    """A simulated service: what throughput and latency a given concurrency gets.
+
+    ``capacity`` requests are served at once, ``base`` seconds each; more only queue.
+    ``slowdown`` makes each extra request slow all the others a little (a disk).
+    ``collapse`` past this many at once, throughput falls (thrashing).
+    """
+
+    def __init__(
+        self,
+        base: float = 0.01,
+        capacity: float = float("inf"),
+        slowdown: float = 0.0,
+        collapse: int | None = None,
+    ) -> None:
+        self.base, self.capacity, self.slowdown, self.collapse = base, capacity, slowdown, collapse
+
+    def latency(self, n: int) -> float:
+        queued = max(1.0, n / self.capacity)
+        return self.base * queued * (1 + self.slowdown * n)
+
+    def rate(self, n: int) -> float:
+        rate = n / self.latency(n)
+        if self.collapse is not None and n > self.collapse:
+            rate *= (self.collapse / n) ** 2  # past it, more at once get less done
+        return rate
 
 
-def test_the_limit_grows_while_waiting_is_free() -> None:
-    limit = ConcurrencyLimit(4, high=100)
+def run(limit: ConcurrencyLimit, service: Service, intervals: int, failing: int = 0) -> None:
+    """Let the controller steer ``service`` for some intervals of 0.1 s."""
     now = 0.0
     limit.record(0, 0, 0.0, now)  # the measuring window opens
-    for _ in range(6):
-        now = feed(limit, 0.01, start=now)
-    assert limit.value > 4 * 2
-    assert [v for _, v in limit.history] == sorted(v for _, v in limit.history)
+    limit.record(8, 0, service.base, 0.01)  # the first tasks met no queue
+    now = 0.01
+    for _ in range(intervals):
+        now += 0.1
+        tasks = max(limit.min_samples, round(service.rate(limit.value) * 0.1))
+        limit.record(tasks, failing, service.latency(limit.value), now)
 
 
-def test_the_limit_falls_when_tasks_queue_somewhere() -> None:
-    limit = ConcurrencyLimit(40, high=100)
-    limit.record(0, 0, 0.0, 0.0)
-    now = feed(limit, 0.01, start=0.0)  # the latency with nothing queued: 10 ms
-    before = limit.value
-    now = feed(limit, 0.04, start=now)  # four times slower: something saturated
-    assert limit.value <= before // 2
+def test_the_limit_grows_while_throughput_grows() -> None:
+    limit = ConcurrencyLimit(4, high=200)
+    run(limit, Service(), intervals=12)  # nothing saturates: more in flight, more done
+    assert limit.value >= 50
+
+
+def test_the_limit_keeps_growing_when_latency_and_throughput_both_grow() -> None:
+    """A disk: each extra writer slows the others, but the total still rises."""
+    limit = ConcurrencyLimit(6, high=200)
+    service = Service(slowdown=0.01)
+    run(limit, service, intervals=16)
+    assert limit.value > 12
+    assert service.rate(limit.value) > service.rate(6)
+
+
+def test_the_limit_falls_to_what_a_saturated_service_serves() -> None:
+    """Four at once, more only queue: starting at 64, come down near 4."""
+    limit = ConcurrencyLimit(64, high=64)
+    run(limit, Service(capacity=4), intervals=20)
+    assert limit.value <= 12
+
+
+def test_a_rise_that_lowers_throughput_is_taken_back() -> None:
+    limit = ConcurrencyLimit(8, high=100)
+    run(limit, Service(collapse=8), intervals=10)  # past 8 at once, it thrashes
+    assert limit.value <= 12
 
 
 def test_failures_halve_the_limit() -> None:
     limit = ConcurrencyLimit(32, high=100)
     limit.record(0, 0, 0.0, 0.0)
-    now = feed(limit, 0.01, start=0.0)
-    before = limit.value
-    feed(limit, 0.01, failed=3, start=now)
-    assert limit.value == before // 2
+    limit.record(20, 3, 0.01, 0.1)
+    assert limit.value == 16
 
 
-def test_a_rise_that_lowers_throughput_is_taken_back() -> None:
-    limit = ConcurrencyLimit(8, high=100)
-    limit.record(0, 0, 0.0, 0.0)
-    limit.record(20, 0, 0.01, 0.1)  # 200 tasks/s at 8
-    raised = limit.value
-    assert raised > 8
-    limit.record(10, 0, 0.01, 0.2)  # 100 tasks/s after the rise
-    assert limit.value == 8
+def test_a_plateau_does_not_make_the_limit_drift_up() -> None:
+    limit = ConcurrencyLimit(8, high=200)
+    flat = Service(capacity=8)  # 8 at once is all it serves; latency alone grows past it
+    run(limit, flat, intervals=30)
+    assert limit.value <= 12
 
 
 def test_the_limit_stays_within_its_bounds() -> None:
     limit = ConcurrencyLimit(500, low=2, high=50)
     assert limit.value == 50
-    now = 0.0
-    limit.record(0, 0, 0.0, now)
-    for _ in range(20):
-        now = feed(limit, 0.01, failed=5, start=now)
+    run(limit, Service(), intervals=20, failing=5)
     assert limit.value == 2
 
 

@@ -2,15 +2,18 @@
 
 The advisor's first guess (cores × (1 + wait/compute)) assumes that what a task waits on
 does not slow down when more tasks wait on it at once. A real server, disk or database
-does, past some point. This controller keeps adjusting the limit from what the run shows,
-the way TCP congestion control and Netflix's concurrency-limits do:
+does, past some point; and sometimes it serves many at once better than the guess says.
+This controller climbs towards the concurrency that gives the most throughput, the way
+TCP's congestion control probes for bandwidth, with Netflix concurrency-limits' latency
+gradient as a brake. Each interval it compares throughput with the interval before:
 
-- each interval, it compares the tasks' latency now with the lowest seen (the latency with
-  nothing queued): while they match, waiting is free, so it raises the limit (by half, as
-  TCP's slow start grows until the first sign of congestion); when latency grows, tasks
-  are queueing somewhere, so it scales the limit down by that ratio;
-- when throughput falls although the limit rose, it backs off;
-- when tasks fail, it halves the limit (the service may be shedding load).
+- after a rise: throughput rose clearly (over 5 %), so keep rising (by half, like TCP's
+  slow start); else the extra tasks bought nothing, only queueing somewhere: step back,
+  and hold a few intervals before probing again;
+- after a fall: throughput fell, so go back up; else hold;
+- with no change to judge: latency far above the lowest seen means tasks are queueing
+  (scale down by that ratio); otherwise probe with a rise;
+- any failed task halves the limit (the service may be shedding load).
 
 No I/O, no clock of its own: the scheduler feeds it completions and the time.
 """
@@ -22,10 +25,15 @@ from dataclasses import dataclass, field
 
 __all__ = ["ConcurrencyLimit"]
 
+#: A change of throughput smaller than this is noise.
+NOISE = 0.05
+#: Latency this many times the lowest seen means tasks queue somewhere.
+QUEUEING = 3.0
+
 
 @dataclass
 class ConcurrencyLimit:
-    """How many tasks may be in flight now, adjusted from latency, throughput and errors.
+    """How many tasks may be in flight now, adjusted from throughput, latency and errors.
 
     Args:
         value: the starting limit.
@@ -38,7 +46,7 @@ class ConcurrencyLimit:
     value: int
     low: int = 1
     high: int = 256
-    interval: float = 0.1
+    interval: float = 0.05
     min_samples: int = 8
     history: list[tuple[float, int]] = field(default_factory=list)  # (time, new limit)
     _start: float | None = None
@@ -47,7 +55,9 @@ class ConcurrencyLimit:
     _latencies: list[float] = field(default_factory=list)
     _base_latency: float | None = None
     _last_rate: float | None = None
-    _last_value: int | None = None
+    _last_latency: float | None = None
+    _previous: int | None = None  # the limit before the last change
+    _cooldown: int = 0  # intervals to hold after a rise that did not pay
 
     def __post_init__(self) -> None:
         self.value = max(self.low, min(self.high, self.value))
@@ -67,39 +77,47 @@ class ConcurrencyLimit:
         self._failed += failed
         if latency > 0:
             self._latencies.extend([latency] * min(tasks, 8))
+            # the lowest latency seen is the one with nothing queued
+            self._base_latency = min(self._base_latency or latency, latency)
         elapsed = now - self._start
         if elapsed < self.interval or self._done < self.min_samples:
             return
-        self._adjust(elapsed, now)
+        self._adjust(self._done / elapsed, now)
 
-    def _adjust(self, elapsed: float, now: float) -> None:
-        rate = self._done / elapsed
+    def _adjust(self, rate: float, now: float) -> None:
         old = self.value
+        latency = statistics.median(self._latencies) if self._latencies else None
         if self._failed:
             new = old // 2
-        elif self._latencies:
-            latency = statistics.median(self._latencies)
-            base = self._base_latency = (
-                latency if self._base_latency is None else min(self._base_latency, latency)
-            )
-            gradient = base / latency if latency > 0 else 1.0
-            fell = (
-                self._last_rate is not None
-                and self._last_value is not None
-                and old > self._last_value
-                and rate < 0.9 * self._last_rate
-            )
-            if fell:
-                new = self._last_value or old
-            elif gradient >= 0.9:
-                new = old + max(2, old // 2)
-            else:
-                new = int(old * max(gradient, 0.5))
         else:
-            new = old
+            new = self._climb(old, rate, latency)
         self.value = max(self.low, min(self.high, new))
+        self._previous = old if self.value != old else None
         if self.value != old:
             self.history.append((now, self.value))
-        self._last_rate, self._last_value = rate, old
+        self._last_rate, self._last_latency = rate, latency
         self._start, self._done, self._failed = now, 0, 0
         self._latencies.clear()
+
+    def _climb(self, old: int, rate: float, latency: float | None) -> int:
+        previous, last_rate = self._previous, self._last_rate
+        if previous is not None and last_rate is not None:
+            gain = rate / last_rate if last_rate > 0 else 1.0
+            if old > previous:  # we rose last time
+                if gain > 1 + NOISE:
+                    return old + max(2, old // 2)
+                self._cooldown = 4  # it bought nothing: back, and rest before probing again
+                return previous
+            # we fell last time
+            return previous if gain < 1 - NOISE else old
+        if self._cooldown:
+            self._cooldown -= 1
+            return old
+        queueing = (
+            latency is not None
+            and self._base_latency is not None
+            and latency > QUEUEING * self._base_latency
+        )
+        if queueing and latency is not None and self._base_latency is not None:
+            return int(old * max(0.5, self._base_latency / latency))
+        return old + max(2, old // 2)

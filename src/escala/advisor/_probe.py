@@ -24,6 +24,7 @@ exception) goes to the run.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -53,7 +54,7 @@ MAX_SHARE = 1 / 16
 TICK = 0.001
 #: Groups of tasks are timed together, and grow (×4) while a group takes less than this.
 GROUP_TIME = 0.001
-MAX_GROUP = 256
+MAX_GROUP = 4096
 
 
 def budget() -> float:
@@ -243,6 +244,8 @@ class Probe:
             else None
         )
         native = threading.get_native_id()
+        delay = _RunDelay()
+        tiny = False
         sample = self._sample
         ctx = WorkerContext(self._initializer, self._initargs)
         ctx.enter()
@@ -257,18 +260,27 @@ class Probe:
                     group_items = self._pull(items, min(size, cap - pulled))
                     if not group_items:
                         break
-                    group = Group(group_items, time.perf_counter(), time.thread_time(), run_delay())
+                    # Run-queue delay matters only for groups long enough to be delayed; a
+                    # reading costs microseconds, more than a trivial task.
+                    group = Group(
+                        group_items,
+                        time.perf_counter(),
+                        time.thread_time(),
+                        None if tiny else delay.read(),
+                    )
                     sample.groups.append(group)
                     self._running[threading.get_ident()] = (group, clock, native)
-                self._run(ctx, group)
+                self._run(ctx, group, delay)
                 if group.wall < GROUP_TIME:
                     size = min(size * 4, MAX_GROUP)
+                    tiny = True
         except Exception as exc:  # the initializer failed: the run reports it
             with self._lock:
                 sample.input_error = sample.input_error or exc
                 self._stop = True
         finally:
             ctx.close()
+            delay.close()
             with self._lock:
                 self._left -= 1
                 if self._left == 0:
@@ -290,11 +302,13 @@ class Probe:
                 break
         return group
 
-    def _run(self, ctx: WorkerContext, group: Group) -> None:
+    def _run(self, ctx: WorkerContext, group: Group, delay: _RunDelay) -> None:
         values, errors, _ = ctx.run_batch(Batch(self._call, range(len(group.items)), group.items))
         cpu = time.thread_time() - group.cpu_start
         wall = time.perf_counter() - group.started
-        queued = _queued_since(group.queued_start, None)
+        queued = 0.0
+        if group.queued_start is not None and (now_delay := delay.read()) is not None:
+            queued = max(0.0, now_delay - group.queued_start)
         with self._lock:
             self._running.pop(threading.get_ident(), None)
             decided = self._stop and not group.done and group.wall > 0
@@ -338,6 +352,29 @@ def _clearly_waiting(group: Group, clock: int | None, native: int, now: float) -
     """
     elapsed = now - group.started - _queued_since(group.queued_start, native)
     return elapsed >= EARLY and _cpu_since(clock, group.cpu_start) < WAITING_SHARE * elapsed
+
+
+class _RunDelay:
+    """This thread's run-queue delay, read through one descriptor kept open (a pread)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def read(self) -> float | None:
+        if self._fd is None:
+            return None
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def run_delay(native: int | None = None) -> float | None:
