@@ -174,6 +174,7 @@ def test_demo_runs_every_mode_and_saves_its_chart(tmp_path: pathlib.Path) -> Non
     for text in ("cpu-python", "sleep-io", "trivial", "auto→", "What auto chose, and why"):
         assert text in done.stdout
     assert "Chart saved to" in done.stdout
+    assert "no thread or child process is left running" in done.stdout
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((tmp_path / "demo.json").read_text())
     assert {c["name"] for c in report["workloads"]} == {"trivial", "sleep-io", "cpu-python"}

@@ -117,3 +117,23 @@ def test_workers_do_not_change_the_callers_environment() -> None:
     before = {var: os.environ.get(var) for var in NATIVE_THREAD_VARS}
     escala.map(_thread_vars, [0], mode="processes", workers=1)
     assert {var: os.environ.get(var) for var in NATIVE_THREAD_VARS} == before
+
+
+def test_pools_loaded_before_fork_are_capped_in_workers() -> None:
+    """numpy's BLAS pool, loaded in the parent and inherited through fork, must be cut to
+    each worker's share of the cores, or N workers run N × cores BLAS threads."""
+    pytest.importorskip("numpy")
+    code = textwrap.dedent(
+        """
+        import numpy, escala
+        from threadpoolctl import threadpool_info
+
+        def blas_threads(_):
+            return sorted({info["num_threads"] for info in threadpool_info()})
+
+        workers = escala.usable_cpus() * 2  # more workers than cores: a share of one each
+        print(escala.map(blas_threads, [0], mode="processes", workers=workers)[0])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() in ("[1]", "[]")  # [] where numpy has no threaded BLAS

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["NATIVE_THREAD_VARS", "cap_native_threads", "usable_cpus"]
+__all__ = ["NATIVE_THREAD_VARS", "cap_native_threads", "loaded_pools_exceed", "usable_cpus"]
 
 # Environment variables read by the native thread pools that numerical libraries start.
 NATIVE_THREAD_VARS = (
@@ -136,19 +136,43 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def cap_native_threads(threads: int) -> None:
+_NATIVE_MODULES = ("numpy", "scipy", "torch", "sklearn")
+_pool_sizes: tuple[int, ...] | None = None
+
+
+def loaded_pools_exceed(threads: int) -> bool:
+    """Say whether a native thread pool loaded in this process runs more than ``threads``.
+
+    Asked in the parent before it forks workers, which inherit the loaded libraries and
+    their pool sizes. The scan (threadpoolctl, a few milliseconds) runs once per process
+    and only when a numerical library is imported; it also leaves threadpoolctl imported,
+    so that forked workers do not each pay for importing it.
+    """
+    global _pool_sizes
+    if not any(name in sys.modules for name in _NATIVE_MODULES):
+        return False
+    if _pool_sizes is None:
+        try:
+            from threadpoolctl import threadpool_info
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            return False
+        _pool_sizes = tuple(int(info.get("num_threads") or 1) for info in threadpool_info())
+    return any(size > threads for size in _pool_sizes)
+
+
+def cap_native_threads(threads: int, *, loaded: bool = False) -> None:
     """Keep the native thread pools of this process to ``threads`` threads.
 
     Called in each worker process: a pool of N processes that each start a BLAS or OpenMP
     pool sized to every core would run N × cores threads on cores threads. Sets the
-    environment variables the libraries read when they load (unless the user set them),
-    and, for libraries already loaded (inherited through fork), applies the limit through
+    environment variables the libraries read when they load (unless the user set them);
+    with ``loaded``, also caps the pools already loaded (inherited through fork) through
     threadpoolctl.
     """
     for var in NATIVE_THREAD_VARS:
         os.environ.setdefault(var, str(threads))
-    if not any(name in sys.modules for name in ("numpy", "scipy", "torch", "sklearn")):
-        return  # nothing native loaded yet: the variables above will be read at load time
+    if not loaded:
+        return
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency

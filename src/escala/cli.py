@@ -330,8 +330,25 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(bench.table(comparisons))
     _print_auto(console, comparisons)
     _outputs(console, comparisons, args.json, None if args.no_chart else args.chart)
-    console.print(f"\nDone in {time.perf_counter() - started:.1f} s; nothing is left running.")
+    console.print(f"\nDone in {time.perf_counter() - started:.1f} s; {_leftovers()}.")
     return 0
+
+
+def _leftovers() -> str:
+    """Say what this process left running: child processes, threads (checked, not assumed)."""
+    import threading
+
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    children: list[int] = []
+    try:
+        import psutil  # type: ignore[import-untyped, unused-ignore]
+
+        children = [child.pid for child in psutil.Process().children(recursive=True)]
+    except ImportError:  # pragma: no cover - psutil comes with escala[demo]
+        pass
+    if not threads and not children:
+        return "checked: no thread or child process is left running"
+    return f"still running: threads {threads}, child processes {children}"
 
 
 def _print_auto(console: Any, comparisons: Sequence[Any]) -> None:

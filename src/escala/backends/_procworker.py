@@ -19,6 +19,7 @@ that task, and blames it when the worker dies.
 from __future__ import annotations
 
 import enum
+import gc
 import os
 import signal
 import sys
@@ -56,6 +57,7 @@ class WorkerSetup:
 
     parent_pid: int
     native_threads: int
+    cap_loaded: bool  # native pools inherited through fork exceed native_threads
     initializer: bytes | None  # cloudpickled (initializer, initargs)
     parent_alive: Connection  # read end of a pipe only the parent writes to: EOF = it died
     inherited_fd: int | None  # under fork, the copy of the write end to close at once
@@ -70,6 +72,11 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
     except (AttributeError, OSError):  # pragma: no cover - not POSIX
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Under fork, the parent's objects come along, copy-on-write, and so do its GC counters,
+    # often one step from a full collection: the first allocations here would walk the
+    # whole inherited heap, writing every object's GC header and copying page after page
+    # (milliseconds in a large program). Frozen, those objects are left out of collections.
+    gc.freeze()
     if setup.inherited_fd is not None:
         try:
             os.close(setup.inherited_fd)
@@ -81,7 +88,7 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
     from .._cpu import cap_native_threads
     from .._pickling import dump_exception, dump_values, dumps, loads
 
-    cap_native_threads(setup.native_threads)
+    cap_native_threads(setup.native_threads, loaded=setup.cap_loaded)
     where = f"worker process {os.getpid()}"
     ctx = WorkerContext()
     try:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._calls import UNTRACKED
-from .._cpu import usable_cpus
+from .._cpu import loaded_pools_exceed, usable_cpus
 from .._errors import (
     BrokenWorker,
     EscalaError,
@@ -135,9 +135,13 @@ class ProcessBackend:
         # the workers read end-of-file and exit. Forked workers close their inherited copy
         # of the write end first thing, or they would keep each other's pipe open.
         self._alive_r, self._alive_w = self._ctx.Pipe(duplex=False)
+        native_threads = max(1, usable_cpus() // workers)
         self._setup = WorkerSetup(
             parent_pid=os.getpid(),
-            native_threads=max(1, usable_cpus() // workers),
+            native_threads=native_threads,
+            # only fork passes loaded libraries on; other start methods load them afresh,
+            # after the environment variables are set
+            cap_loaded=method == "fork" and loaded_pools_exceed(native_threads),
             initializer=self._initializer,
             parent_alive=self._alive_r,
             inherited_fd=self._alive_w.fileno() if method == "fork" else None,
