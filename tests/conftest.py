@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import psutil
 import pytest
@@ -41,10 +41,15 @@ def concurrent_mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _children() -> set[int]:
+def _children(owned_by: Collection[int] = ()) -> set[int]:
+    """Return our descendants, but those of ``owned_by`` (long-lived fixtures' processes,
+    such as a server started once per module, whose workers come and go as it sees fit)."""
     found = set()
+    me = os.getpid()
     for child in psutil.Process().children(recursive=True):
         try:
+            if owned_by and any(p.pid in owned_by for p in child.parents() if p.pid != me):
+                continue
             if child.status() == psutil.STATUS_ZOMBIE:
                 found.add(child.pid)  # an unreaped child is a leak too
                 continue
@@ -75,7 +80,7 @@ def nothing_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     deadline = time.monotonic() + 10
     while True:
         threads = _threads() - threads_before
-        children = _children() - children_before
+        children = _children(owned_by=children_before) - children_before
         if not threads and not children:
             return
         if time.monotonic() > deadline:

@@ -1,0 +1,38 @@
+"""``escala serve``: registered tasks behind an HTTP API, for many users at once.
+
+The map of this package, from the outside in::
+
+    _server   uvicorn, signals, the listening socket
+    _app      FastAPI routes, auth, body limit, admission middleware (HTTP in, JSON out)
+    _core     Service: admission, fair queues, dispatch to escala pools, leases, events
+    _admission  in-flight gate with CoDel timeouts, token buckets, queue-wait deadline
+    _fair     weighted deficit round robin across users
+    _auth     API keys (hashed), _metrics (Prometheus, loop lag), _registry (tasks)
+    ../store  where jobs live: SQLite by default
+
+The service is a client of escala's public engine (``escala.Pool``), like any user.
+Mount it in an existing app with ``create_app(service, manage=False)`` and run
+``service.lifespan`` in the host app's lifespan.
+"""
+
+from __future__ import annotations
+
+from ._app import create_app as create_app
+from ._config import ConfigError as ConfigError
+from ._config import ServiceConfig as ServiceConfig
+from ._core import Refused as Refused
+from ._core import Service as Service
+from ._registry import AppError as AppError
+from ._registry import load_app as load_app
+from ._server import serve as serve
+
+__all__ = [
+    "AppError",
+    "ConfigError",
+    "Refused",
+    "Service",
+    "ServiceConfig",
+    "create_app",
+    "load_app",
+    "serve",
+]

@@ -1,0 +1,420 @@
+"""The HTTP face of the service: a FastAPI app, versioned under ``/v1``.
+
+Middleware, outermost first: admission control (an in-flight limit with a CoDel-timed
+wait, 503 before any work) → the body-size limit (413) → FastAPI (auth, 422 for bad
+bodies, the routes). Errors reach clients as ``{"detail": ...}`` and never carry a
+traceback; the server's log has those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..store import Job, JobState, NewJob
+from ._admission import AdmissionMiddleware, Gate
+from ._core import Lifecycle, Refused, RunResult, Service
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("escala.service")
+LOCAL_USER = "local"
+JobId = Annotated[str, Path(max_length=64, description="The id the job was given at submission.")]
+
+
+# -- bodies ---------------------------------------------------------------------------------
+
+
+class JobIn(BaseModel):
+    """A job to run later."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(min_length=1, max_length=200, description="A task of GET /v1/tasks.")
+    args: list[JsonValue] = Field(default_factory=list, max_length=10_000)
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The same key from the same user gives back the same job.",
+    )
+    priority: int = Field(default=0, ge=-1000, le=1000, description="Higher runs first.")
+
+
+class RunIn(BaseModel):
+    """Arguments of a task run in the request."""
+
+    model_config = ConfigDict(extra="forbid")
+    args: list[JsonValue] = Field(default_factory=list, max_length=10_000)
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class ErrorOut(BaseModel):
+    """Why a job failed: the exception's type and message, never its traceback."""
+
+    type: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A job as its user sees it."""
+
+    id: str
+    task: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    attempts: int
+    priority: int
+    idempotency_key: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: JsonValue = None
+    error: ErrorOut | None = None
+
+
+class RunOut(BaseModel):
+    """The outcome of a task run in the request."""
+
+    state: Literal["succeeded", "failed"]
+    result: JsonValue = None
+    error: ErrorOut | None = None
+    duration_ms: float
+
+
+class TaskOut(BaseModel):
+    """A task the service offers."""
+
+    name: str
+    pool: Literal["cpu", "io"]
+    is_async: bool
+    parameters: list[str]
+    doc: str
+
+
+class Problem(BaseModel):
+    """What went wrong, in words."""
+
+    detail: str
+
+
+def _when(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def job_out(job: Job) -> JobOut:
+    """Show a stored job to its user."""
+    return JobOut(
+        id=job.id,
+        task=job.task,
+        state=job.state.value,
+        attempts=job.attempts,
+        priority=job.priority,
+        idempotency_key=job.idempotency_key,
+        created_at=datetime.fromtimestamp(job.created_at, UTC),
+        started_at=_when(job.started_at),
+        finished_at=_when(job.finished_at),
+        result=job.result,
+        error=ErrorOut(**job.error) if job.error else None,
+    )
+
+
+# -- middleware -----------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Answer 413 to a body larger than ``limit`` bytes, before the app reads any of it.
+
+    Bodies are at most ``limit`` bytes, so buffering one here costs little and lets a
+    chunked upload that grows too large be refused as cleanly as a declared one.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        detail = {"detail": f"the request body is larger than {self.limit} bytes"}
+        await _send_json(send, 413, detail)
+
+
+async def _send_json(send: Send, status: int, body: Any) -> None:
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# -- the app --------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="An API key made with `escala keys add`.")
+_REFUSALS: dict[int | str, dict[str, Any]] = {
+    429: {"model": Problem, "description": "Over this user's rate or queue limit."},
+    503: {"model": Problem, "description": "Overloaded or shutting down; see Retry-After."},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "No such job for this user."}
+}
+
+
+async def current_user(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """Return who is asking, from their API key (or ``local`` without keys)."""
+    service: Service = request.app.state.service
+    if not service.config.auth:
+        return LOCAL_USER
+    if credentials is not None:
+        record = await service.auth.check(credentials.credentials)
+        if record is not None:
+            return record.user
+    raise HTTPException(
+        401,
+        "a valid API key is needed: send `Authorization: Bearer <key>`",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+User = Annotated[str, Depends(current_user)]
+
+
+def create_app(service: Service, *, manage: bool = True) -> FastAPI:
+    """Build the ASGI app of a service.
+
+    Args:
+        service: the service to put behind HTTP.
+        manage: start and stop the service with the app's lifespan. Pass ``False`` when
+            the app is mounted inside another one (whose lifespan must then run
+            ``service.lifespan``), since mounted apps get no lifespan events.
+    """
+    app = FastAPI(
+        title="escala",
+        version=__version__,
+        summary="Durable jobs for many users: fair, admission-controlled, never blocking.",
+        lifespan=service.lifespan if manage else None,
+        responses={401: {"model": Problem, "description": "A valid API key is needed."}},
+    )
+    app.state.service = service
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> Response:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse({"detail": exc.detail}, exc.status, headers=headers)
+
+    def task_of(name: str) -> None:
+        if name not in service.tasks:
+            raise HTTPException(404, f"no task named {name!r}; GET /v1/tasks lists them")
+
+    def arguments_fit(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        try:
+            service.tasks[name].check_arguments(args, kwargs)
+        except TypeError as exc:
+            raise HTTPException(422, f"the arguments do not fit task {name!r}: {exc}") from None
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobOut,
+        responses={**_REFUSALS, 404: {"model": Problem, "description": "No such task."}},
+    )
+    async def submit(body: JobIn, user: User, response: Response) -> JobOut:
+        """Queue a job; answered only once the job is durably stored."""
+        task_of(body.task)
+        arguments_fit(body.task, body.args, body.kwargs)
+        new = NewJob(user, body.task, body.args, body.kwargs, body.priority, body.idempotency_key)
+        job, created = await service.submit(new)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return job_out(job)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_NOT_FOUND)
+    async def get_job(job_id: JobId, user: User) -> JobOut:
+        """Show a job: its state, and its result or error once it has ended."""
+        job = await service.get(user, job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        return job_out(job)
+
+    @app.get("/v1/jobs/{job_id}/wait", response_model=JobOut, responses={**_NOT_FOUND, **_REFUSALS})
+    async def wait_job(
+        job_id: JobId,
+        user: User,
+        timeout: Annotated[float, Query(ge=0, le=60, description="Seconds to wait at most.")] = 30,
+    ) -> JobOut:
+        """Wait until the job ends or ``timeout`` passes, then show it (long-poll)."""
+        last = None
+        async for job in service.watch(user, job_id, timeout):
+            last = job
+        if last is None:
+            raise HTTPException(404, "no such job")
+        return job_out(last)
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."},
+            **_NOT_FOUND,
+            **_REFUSALS,
+        },
+        response_class=StreamingResponse,
+    )
+    async def job_events(
+        job_id: JobId,
+        user: User,
+        timeout: Annotated[float, Query(ge=0, le=3600, description="Seconds to stream.")] = 300,
+    ) -> StreamingResponse:
+        """Stream the job's state as server-sent events, until it ends."""
+        if await service.get(user, job_id) is None:
+            raise HTTPException(404, "no such job")
+        return StreamingResponse(
+            _sse(service.watch(user, job_id, timeout)), media_type="text/event-stream"
+        )
+
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        response_model=JobOut,
+        responses={**_NOT_FOUND, 409: {"model": Problem}},
+    )
+    async def cancel_job(job_id: JobId, user: User) -> JobOut:
+        """Cancel a job that has not ended: drop it from the queue, or stop it."""
+        job, cancelled = await service.cancel(user, job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        if not cancelled:
+            raise HTTPException(409, f"the job has already {job.state.value}")
+        return job_out(job)
+
+    @app.post(
+        "/v1/run/{task}",
+        response_model=RunOut,
+        responses={**_REFUSALS, 404: {"model": Problem}, 504: {"model": Problem}},
+    )
+    async def run_task(
+        task: Annotated[str, Path(max_length=200)],
+        user: User,
+        body: RunIn | None = None,
+        timeout: Annotated[float, Query(gt=0, le=300, description="Deadline in seconds.")] = 30,
+    ) -> RunOut:
+        """Run a task now and answer with its result (request/response style; not stored)."""
+        task_of(task)
+        body = body or RunIn()
+        arguments_fit(task, body.args, body.kwargs)
+        try:
+            outcome: RunResult = await service.run(user, task, body.args, body.kwargs, timeout)
+        except TimeoutError:
+            raise HTTPException(504, f"the task did not finish within {timeout:g} s") from None
+        state: Literal["succeeded", "failed"] = (
+            "succeeded" if outcome.state is JobState.SUCCEEDED else "failed"
+        )
+        return RunOut(
+            state=state,
+            result=outcome.result,
+            error=ErrorOut(**outcome.error) if outcome.error else None,
+            duration_ms=round(outcome.duration * 1000, 3),
+        )
+
+    @app.get("/v1/tasks", response_model=list[TaskOut])
+    async def list_tasks(user: User) -> list[TaskOut]:
+        """List the tasks this service runs."""
+        return [
+            TaskOut(
+                name=spec.name,
+                pool=spec.pool,
+                is_async=spec.is_async,
+                parameters=list(spec.signature.parameters) if spec.signature else [],
+                doc=spec.doc,
+            )
+            for spec in service.tasks.values()
+        ]
+
+    @app.get("/v1/stats", tags=["operations"])
+    async def stats() -> dict[str, Any]:
+        """Live figures for the dashboard: throughput, queues, latencies, loop lag."""
+        return service.stats()
+
+    @app.get("/healthz", tags=["operations"], responses={503: {"model": Problem}})
+    async def healthz() -> JSONResponse:
+        """Say whether the server takes work."""
+        serving = service.state is Lifecycle.SERVING
+        return JSONResponse(
+            {"status": "ok" if serving else service.state.value}, 200 if serving else 503
+        )
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        service.refresh_gauges()
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        page = resources.files("escala.service").joinpath("dashboard.html").read_text("utf-8")
+        return HTMLResponse(page)
+
+    gate = Gate(max_inflight=service.config.max_inflight, max_waiting=service.config.max_waiting)
+    app.add_middleware(BodyLimit, limit=service.config.max_body)
+    app.add_middleware(
+        AdmissionMiddleware,
+        gate=gate,
+        exempt=("/healthz", "/metrics"),
+        unlimited=("/v1/jobs/",),
+        on_refuse=service.metrics.rejected.labels("busy").inc,
+    )
+    app.state.gate = gate
+    return app
+
+
+async def _sse(jobs: AsyncIterator[Job]) -> AsyncIterator[str]:
+    yield "retry: 2000\n\n"
+    async for job in jobs:
+        data = job_out(job).model_dump_json()
+        yield f"event: {job.state.value}\ndata: {data}\n\n"

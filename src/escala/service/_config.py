@@ -1,0 +1,104 @@
+"""The service's settings: one frozen object, checked when it is built."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .._cpu import usable_cpus
+
+__all__ = ["ConfigError", "ServiceConfig"]
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or contradicts another one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """Everything ``escala serve`` can be told. Defaults suit one machine and many users.
+
+    Attributes:
+        app: the module whose ``@escala.task`` functions the service runs (``tasks``).
+        db: the SQLite file that holds jobs and API keys.
+        host, port: where to listen (port 0: any free port). Without API keys
+            (``auth=False``), only a loopback address.
+        auth: ``False`` lets anyone who can connect act as the user ``local``.
+        cpu_workers: processes for CPU tasks; default: usable cores minus the web process.
+        io_limit: I/O tasks running at once (async ones on the loop, others on threads).
+        io_threads: threads for I/O tasks that are plain functions.
+        job_timeout: seconds a job may run before it is stopped and marked failed.
+        lease: seconds a running job's lease lasts; renewed every third of that.
+        max_queued: jobs waiting in all, beyond which submissions get 503.
+        max_queued_per_user: jobs one user may have waiting, beyond which they get 429.
+        max_queue_wait: when jobs have waited longer than this for a whole second (a
+            standing queue, as CoDel sees it), new submissions get 503.
+        rate, burst: default per-user token bucket (jobs per second); ``None``: no limit.
+            An API key may set its own.
+        max_inflight, max_waiting: HTTP requests handled at once, and waiting for a slot.
+        max_body: largest request body in bytes (413 beyond).
+        max_streams: open long-polls and event streams at once.
+        grace: seconds running jobs get to finish on SIGTERM before they go back to the
+            queue for the next start.
+    """
+
+    app: str | None = None
+    db: Path = Path("escala.db")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth: bool = True
+    cpu_workers: int | None = None
+    io_limit: int = 256
+    io_threads: int = 32
+    job_timeout: float = 300.0
+    lease: float = 30.0
+    max_queued: int = 200_000
+    max_queued_per_user: int = 100_000
+    max_queue_wait: float = 30.0
+    rate: float | None = None
+    burst: int | None = None
+    max_inflight: int = 256
+    max_waiting: int = 1024
+    max_body: int = 1 << 20
+    max_streams: int = 10_000
+    grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "db", Path(self.db))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in {"app", "db", "host", "port", "auth", "rate", "burst", "cpu_workers"}:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{f.name} must be a positive number, got {value!r}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
+        for name in ("cpu_workers", "burst"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if self.rate is not None and self.rate <= 0:
+            raise ConfigError(f"rate must be positive (jobs per second), got {self.rate!r}")
+        if not self.auth and not is_loopback(self.host):
+            raise ConfigError(
+                f"--no-auth is only allowed on a loopback address, not {self.host!r}: "
+                "create keys with `escala keys add NAME` and drop --no-auth"
+            )
+
+    @property
+    def cpu_pool_size(self) -> int:
+        """Processes for CPU tasks: the usable cores minus the one the web process needs."""
+        if self.cpu_workers is not None:
+            return self.cpu_workers
+        return max(1, usable_cpus() - 1)
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

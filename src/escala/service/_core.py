@@ -1,0 +1,574 @@
+"""The service without HTTP: admission, fair queues, dispatch to escala pools, durability.
+
+How a job moves (one event loop; the store's I/O on its own threads)::
+
+    submit ─> admission ─> store.submit ─> FairQueue[pool] ──dispatcher──> store.claim
+              (429/503)    (durable: 202)  (per user, DRR)    (batches)        │
+                                                                               v
+        finish <── result <── Pool("processes") for CPU tasks, Pool("threads") or the
+          │                   event loop for I/O tasks: escala's own engine, never a second one
+          v
+    store.finish ─> watchers (wait, events) and metrics
+
+A job is claimed with a lease that a heartbeat renews; a job whose server died is found
+RUNNING with no living owner at the next start and queued again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .._pool import Pool
+from ..store import Job, JobState, NewJob, Store
+from ._admission import QueueDeadline, TokenBuckets
+from ._auth import Authenticator
+from ._config import ServiceConfig
+from ._fair import FairQueue
+from ._metrics import LoopLagProbe, Metrics, percentiles
+from ._registry import TaskSpec, specs_of
+
+__all__ = ["Refused", "RunResult", "Service"]
+
+log = logging.getLogger("escala.service")
+POOLS = ("cpu", "io")
+_MESSAGE_LIMIT = 2000
+
+
+class Refused(Exception):
+    """A request admission control turns away, with the status and when to come back."""
+
+    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class Lifecycle(enum.Enum):
+    """Where the service is in its life."""
+
+    NEW = "new"  # built, nothing started
+    SERVING = "serving"  # pools up, store open, dispatching jobs
+    STOPPING = "stopping"  # refusing new work, letting running jobs finish
+    STOPPED = "stopped"  # everything released; cannot start again
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The outcome of a job, as the service reports it."""
+
+    state: JobState
+    result: Any = None
+    error: dict[str, str] | None = None
+    duration: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class _Ticket:
+    """A job waiting in a fair queue. Durable jobs carry only their id; the store has
+    the arguments. A request/response run (``/v1/run``) carries everything in memory."""
+
+    job_id: str
+    user: str
+    spec: TaskSpec
+    queued_at: float  # monotonic
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    reply: asyncio.Future[RunResult] | None = None  # set only for runs that are not stored
+
+
+class Service:
+    """The user's tasks behind admission control, fair queues and a durable store.
+
+    Args:
+        config: the settings.
+        tasks: the tasks to offer, by public name.
+        store: where jobs live; default: a SQLite file at ``config.db``.
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        tasks: Mapping[str, Callable[..., Any]],
+        store: Store | None = None,
+    ) -> None:
+        if store is None:
+            from ..store.sqlite import SQLiteStore
+
+            store = SQLiteStore(config.db)
+        self.config = config
+        self.store = store
+        self.tasks = specs_of(tasks)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.metrics = Metrics()
+        self.auth = Authenticator(store)
+        self.state = Lifecycle.NEW
+        self._queues: dict[str, FairQueue[_Ticket]] = {
+            pool: FairQueue(weight_of=self._weight) for pool in POOLS
+        }
+        # two jobs per CPU worker: the next one is already in the pool when one ends
+        self._slots = {"cpu": 2 * config.cpu_pool_size, "io": config.io_limit}
+        self._busy = dict.fromkeys(POOLS, 0)
+        self._deadlines = {pool: QueueDeadline(target=config.max_queue_wait) for pool in POOLS}
+        self._buckets = TokenBuckets()
+        self._wakes = {pool: asyncio.Event() for pool in POOLS}
+        self._running: dict[str, asyncio.Future[Any]] = {}
+        self._cancelled: set[str] = set()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._watchers: dict[str, set[asyncio.Queue[Job]]] = {}
+        self._streams = 0
+        self._probe = LoopLagProbe(self.metrics)
+        self._procs: Pool | None = None
+        self._threads: Pool | None = None
+
+    # -- life -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the pools, open the store, queue again what a dead server left, serve."""
+        if self.state is not Lifecycle.NEW:
+            return
+        cfg = self.config
+        # the process pool forks first, while this process has the fewest threads
+        self._procs = Pool("processes", cfg.cpu_pool_size, timeout=cfg.job_timeout)
+        self._threads = Pool("threads", cfg.io_threads, timeout=cfg.job_timeout)
+        try:
+            await self.store.open()
+            exclusive = bool(getattr(self.store, "exclusive", False))
+            recovered = await self.store.recover(self.owner, all_others=exclusive)
+            await self.auth.load()
+            await self._requeue_stored()
+        except BaseException:
+            await asyncio.to_thread(self._stop_pools, True)
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            raise
+        if recovered:
+            log.warning(
+                "%d jobs were running when the last server stopped: queued again", recovered
+            )
+        for pool in POOLS:
+            self.metrics.workers.labels(pool).set(
+                self._slots[pool] if pool == "io" else cfg.cpu_pool_size
+            )
+            self._loops.append(asyncio.create_task(self._dispatch(pool), name=f"escala-{pool}"))
+        self._loops.append(asyncio.create_task(self._heartbeat(), name="escala-heartbeat"))
+        self._probe.start()
+        self.state = Lifecycle.SERVING
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new work, give running jobs ``grace`` seconds, queue the rest again."""
+        if self.state is not Lifecycle.SERVING:
+            self.state = Lifecycle.STOPPED
+            return
+        self.state = Lifecycle.STOPPING
+        grace = self.config.grace if grace is None else grace
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._jobs:
+            await asyncio.wait(self._jobs, timeout=grace)
+        unfinished = list(self._running)
+        for job_id in unfinished:
+            self._running[job_id].cancel()
+        if self._jobs:
+            await asyncio.wait(self._jobs, timeout=5)
+        for pool in POOLS:
+            while (item := self._queues[pool].pop()) is not None:
+                _, ticket = item
+                if ticket.reply is not None and not ticket.reply.done():
+                    ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
+        await self._probe.stop()
+        await asyncio.to_thread(self._stop_pools, bool(unfinished))
+        try:
+            released = await self.store.release(self.owner, unfinished) if unfinished else 0
+            if released:
+                log.warning(
+                    "%d running jobs did not finish in %.0f s: queued again", released, grace
+                )
+        finally:
+            await self.store.close()
+            self.state = Lifecycle.STOPPED
+
+    def _stop_pools(self, kill: bool) -> None:
+        for pool in (self._procs, self._threads):
+            if pool is not None:
+                pool.terminate() if kill else pool.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Run the service for the life of an ASGI app (FastAPI's ``lifespan=``)."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def _requeue_stored(self) -> None:
+        stored = await self.store.queued()
+        gone = [job for job in stored if job.task not in self.tasks]
+        now_wall, now = time.time(), time.monotonic()
+        for job in stored:
+            if job.task in self.tasks:
+                waited = max(0.0, now_wall - job.created_at)
+                ticket = _Ticket(job.id, job.user, self.tasks[job.task], now - waited)
+                self._queues[ticket.spec.pool].push(job.user, ticket, priority=job.priority)
+        if gone:
+            # jobs of a task this app no longer offers would wait forever: end them, and say why
+            for job in await self.store.claim([j.id for j in gone], self.owner, self.config.lease):
+                error = {
+                    "type": "UnknownTask",
+                    "message": f"task {job.task!r} is no longer offered",
+                }
+                await self.store.finish(job.id, self.owner, JobState.FAILED, error=error)
+        if stored:
+            log.info("%d queued jobs loaded from the store", len(stored) - len(gone))
+
+    def _weight(self, user: str) -> float:
+        record = self.auth.record_of(user)
+        return record.weight if record is not None else 1.0
+
+    # -- what clients ask -----------------------------------------------------------------
+
+    def _admit(self, user: str, spec: TaskSpec) -> None:
+        """Refuse, cheaply and before any work, what cannot be served in time."""
+        if self.state is not Lifecycle.SERVING:
+            raise Refused(503, "the server is shutting down; retry on another one or later", 5)
+        record = self.auth.record_of(user)
+        rate = record.rate if record is not None and record.rate is not None else self.config.rate
+        burst = (
+            record.burst if record is not None and record.burst is not None else self.config.burst
+        )
+        wait = self._buckets.take(user, rate, burst)
+        if wait > 0:
+            self.metrics.rejected.labels("rate").inc()
+            raise Refused(
+                429, f"rate limit of {rate:g} jobs/s reached for {user!r}", max(1, math.ceil(wait))
+            )
+        queue = self._queues[spec.pool]
+        if queue.depth(user) >= self.config.max_queued_per_user:
+            self.metrics.rejected.labels("user_queue").inc()
+            raise Refused(
+                429,
+                f"{user!r} already has {queue.depth(user)} jobs waiting, "
+                "the most one user may have",
+                5,
+            )
+        if sum(len(q) for q in self._queues.values()) >= self.config.max_queued:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Refused(503, "the job queue is full", 5)
+        deadline = self._deadlines[spec.pool]
+        if deadline.overloaded():
+            self.metrics.rejected.labels("queue_wait").inc()
+            raise Refused(
+                503,
+                f"{spec.pool} jobs have waited over {self.config.max_queue_wait:g} s: "
+                "the server cannot serve more in time",
+                deadline.retry_after(),
+            )
+
+    async def submit(self, job: NewJob) -> tuple[Job, bool]:
+        """Admit and store a job, then queue it; return it and whether it is new.
+
+        Raises:
+            KeyError: no such task. TypeError: the arguments do not fit it.
+            Refused: admission control turned it away.
+        """
+        spec = self.tasks[job.task]
+        spec.check_arguments(job.args, job.kwargs)
+        self._admit(job.user, spec)
+        stored, created = await self.store.submit(job)
+        if created:
+            ticket = _Ticket(stored.id, stored.user, spec, time.monotonic())
+            self._queues[spec.pool].push(stored.user, ticket, priority=stored.priority)
+            self.metrics.submitted.labels(spec.pool).inc()
+            self._wakes[spec.pool].set()
+        return stored, created
+
+    async def run(
+        self, user: str, task: str, args: list[Any], kwargs: dict[str, Any], timeout: float
+    ) -> RunResult:
+        """Run a task now, fairly queued like a job but not stored, and return its outcome.
+
+        Raises:
+            KeyError, TypeError, Refused: as ``submit``.
+            TimeoutError: it did not finish within ``timeout`` (it was stopped).
+        """
+        spec = self.tasks[task]
+        spec.check_arguments(args, kwargs)
+        self._admit(user, spec)
+        reply: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
+        ticket = _Ticket(
+            f"run-{uuid.uuid4().hex}", user, spec, time.monotonic(), args, kwargs, reply
+        )
+        self._queues[spec.pool].push(user, ticket)
+        self.metrics.submitted.labels(spec.pool).inc()
+        self._wakes[spec.pool].set()
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(reply)
+        finally:
+            if not reply.done():
+                reply.cancel()
+                self._queues[spec.pool].discard(user, lambda t: t is ticket)
+                if (running := self._running.get(ticket.job_id)) is not None:
+                    self._cancelled.add(ticket.job_id)
+                    running.cancel()
+
+    async def get(self, user: str, job_id: str) -> Job | None:
+        """Return the user's job; ``None`` for a job that is missing or someone else's."""
+        job = await self.store.get(job_id)
+        return job if job is not None and job.user == user else None
+
+    async def cancel(self, user: str, job_id: str) -> tuple[Job | None, bool]:
+        """Cancel the user's job: dropped from the queue, or stopped if it runs.
+
+        Returns the job as it now is (``None``: missing or someone else's), and whether
+        this call cancelled it (``False`` for a job that had already ended).
+        """
+        before = await self.get(user, job_id)
+        if before is None or before.state.final:
+            return before, False
+        job = await self.store.cancel(job_id, user)
+        if job is None or job.state is not JobState.CANCELLED:
+            return job, False
+        spec = self.tasks.get(job.task)
+        if spec is not None:
+            self._queues[spec.pool].discard(user, lambda t: t.job_id == job_id)
+        if (running := self._running.get(job_id)) is not None:
+            # async tasks stop at once; a thread or process finishes, its result dropped
+            self._cancelled.add(job_id)
+            running.cancel()
+        self._publish(job)
+        return job, True
+
+    async def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job]:
+        """Yield the user's job now and at every change, until it ends or ``timeout``.
+
+        Yields nothing for a job that is missing or someone else's.
+        """
+        if self._streams >= self.config.max_streams:
+            raise Refused(503, "too many open event streams and long-polls", 1)
+        changes: asyncio.Queue[Job] = asyncio.Queue()
+        watchers = self._watchers.setdefault(job_id, set())
+        watchers.add(changes)
+        self._streams += 1
+        try:
+            job = await self.get(user, job_id)
+            if job is None:
+                return
+            yield job
+            async with asyncio.timeout(timeout):
+                while not job.state.final:
+                    job = await changes.get()
+                    yield job
+        except TimeoutError:
+            return
+        finally:
+            self._streams -= 1
+            watchers.discard(changes)
+            if not watchers:
+                self._watchers.pop(job_id, None)
+
+    def _publish(self, job: Job) -> None:
+        for changes in self._watchers.get(job.id, ()):
+            changes.put_nowait(job)
+
+    # -- running jobs ---------------------------------------------------------------------
+
+    async def _dispatch(self, pool: str) -> None:
+        """Start queued jobs of one pool while it has room, fairest first."""
+        queue, wake, deadline = self._queues[pool], self._wakes[pool], self._deadlines[pool]
+        while True:
+            await wake.wait()
+            wake.clear()
+            while queue and self._busy[pool] < self._slots[pool]:
+                picked: list[_Ticket] = []
+                now = time.monotonic()
+                while self._busy[pool] + len(picked) < self._slots[pool]:
+                    item = queue.pop()
+                    if item is None:
+                        deadline.idle()
+                        break
+                    picked.append(item[1])
+                    deadline.observe(now - item[1].queued_at)
+                self._busy[pool] += len(picked)
+                stored = [t.job_id for t in picked if t.reply is None]
+                claimed: dict[str, Job] = {}
+                if stored:
+                    try:
+                        jobs = await self.store.claim(stored, self.owner, self.config.lease)
+                    except Exception:
+                        log.exception("claiming jobs failed; they stay queued in the store")
+                        jobs = []
+                    claimed = {job.id: job for job in jobs}
+                for ticket in picked:
+                    job = claimed.get(ticket.job_id)
+                    if ticket.reply is None and job is None:
+                        self._busy[pool] -= 1  # cancelled meanwhile
+                        continue
+                    task = asyncio.create_task(self._execute(ticket, job))
+                    self._jobs.add(task)
+                    task.add_done_callback(self._jobs.discard)
+
+    def _call(self, ticket: _Ticket, job: Job | None) -> asyncio.Future[Any]:
+        spec = ticket.spec
+        args, kwargs = (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
+        if spec.is_async:
+            coro = asyncio.wait_for(spec.fn(*args, **kwargs), self.config.job_timeout)
+            return asyncio.ensure_future(coro)
+        pool = self._procs if spec.pool == "cpu" else self._threads
+        assert pool is not None
+        return asyncio.wrap_future(pool.submit(spec.fn, *args, **kwargs))
+
+    async def _execute(self, ticket: _Ticket, job: Job | None) -> None:
+        pool = ticket.spec.pool
+        started = time.monotonic()
+        waited = started - ticket.queued_at
+        self.metrics.running.labels(pool).inc()
+        if job is not None:
+            self._publish(job)
+        outcome: RunResult | None = None
+        try:
+            running = self._call(ticket, job)
+            self._running[ticket.job_id] = running
+            try:
+                value = await running
+            except asyncio.CancelledError:
+                if ticket.job_id not in self._cancelled:
+                    # shutting down: stop() puts a stored job back in the queue
+                    if ticket.reply is not None and not ticket.reply.done():
+                        ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
+                    return
+                outcome = RunResult(JobState.CANCELLED, error=_cancelled_error())
+            else:
+                try:
+                    # the client gets strict JSON: say so in the job, not in a 500 later
+                    json.dumps(value, allow_nan=False)
+                    outcome = RunResult(JobState.SUCCEEDED, value)
+                except (TypeError, ValueError) as exc:
+                    what = "the task's result is not JSON"
+                    outcome = RunResult(JobState.FAILED, error=_error_of(exc, what))
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and ticket.spec.is_async:
+                exc = TimeoutError(f"the task ran longer than {self.config.job_timeout:g} s")
+            log.warning("job %s (%s) failed", ticket.job_id, ticket.spec.name, exc_info=exc)
+            outcome = RunResult(JobState.FAILED, error=_error_of(exc))
+        finally:
+            self._running.pop(ticket.job_id, None)
+            self._cancelled.discard(ticket.job_id)
+            self._busy[pool] -= 1
+            self.metrics.running.labels(pool).dec()
+            self._wakes[pool].set()
+        ran = time.monotonic() - started
+        outcome = replace(outcome, duration=ran)
+        self.metrics.job_done(pool, outcome.state.value, waited, ran)
+        if ticket.reply is not None:
+            if not ticket.reply.done():
+                ticket.reply.set_result(outcome)
+        elif job is not None and outcome.state is not JobState.CANCELLED:
+            await self._record(job, outcome)
+
+    async def _record(self, job: Job, outcome: RunResult) -> None:
+        try:
+            kept = await self.store.finish(
+                job.id, self.owner, outcome.state, result=outcome.result, error=outcome.error
+            )
+        except TypeError as exc:
+            outcome = RunResult(JobState.FAILED, error=_error_of(exc, "the task's result"))
+            kept = await self.store.finish(job.id, self.owner, outcome.state, error=outcome.error)
+        if kept:
+            finished = replace(
+                job,
+                state=outcome.state,
+                result=outcome.result,
+                error=outcome.error,
+                finished_at=time.time(),
+                owner=None,
+                lease_until=None,
+            )
+            self._publish(finished)
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of running jobs, so that nobody takes them while they run."""
+        while True:
+            await asyncio.sleep(self.config.lease / 3)
+            try:
+                await self.store.heartbeat(self.owner, self.config.lease)
+            except Exception:
+                log.exception("renewing job leases failed; retrying")
+
+    # -- what operators see ---------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        """Bring the queue and in-flight gauges up to date (before a scrape)."""
+        for pool in POOLS:
+            self.metrics.queued.labels(pool).set(len(self._queues[pool]))
+
+    def stats(self) -> dict[str, Any]:
+        """Return the live figures the dashboard shows."""
+        m = self.metrics
+        by_user: dict[str, int] = {}
+        for queue in self._queues.values():
+            for user, depth in queue.depths().items():
+                by_user[user] = by_user.get(user, 0) + depth
+        finished = dict.fromkeys(("succeeded", "failed", "cancelled"), 0.0)
+        for metric in m.finished.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    finished[sample.labels["state"]] += sample.value
+        submitted = sum(
+            s.value
+            for metric in m.submitted.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        )
+        rejected: dict[str, float] = {}
+        for metric in m.rejected.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    rejected[sample.labels["reason"]] = sample.value
+        return {
+            "time": time.time(),
+            "uptime_s": round(time.time() - m.started, 1),
+            "state": self.state.value,
+            "jobs": {"submitted": int(submitted), **{k: int(v) for k, v in finished.items()}},
+            "rejected": {k: int(v) for k, v in rejected.items()},
+            "throughput_per_s": m.throughput(),
+            "queue": {"total": sum(by_user.values()), "by_user": by_user},
+            "running": dict(self._busy),
+            "workers": {"cpu": self.config.cpu_pool_size, "io": self._slots["io"]},
+            "latency_ms": {
+                "queue": percentiles(m.recent_wait),
+                "run": percentiles(m.recent_run),
+                "total": percentiles(m.recent_total),
+            },
+            "loop_lag_ms": percentiles(list(m.recent_lag)[-250:]),
+            "streams": self._streams,
+        }
+
+
+def _error_of(exc: BaseException, what: str = "") -> dict[str, str]:
+    """Describe a failure for the client: the type and message, never a traceback."""
+    message = str(exc) or type(exc).__name__
+    if what:
+        message = f"{what}: {message}"
+    if len(message) > _MESSAGE_LIMIT:
+        message = message[:_MESSAGE_LIMIT] + "…"
+    return {"type": type(exc).__name__, "message": message}
+
+
+def _cancelled_error() -> dict[str, str]:
+    return {"type": "Cancelled", "message": "cancelled by the user"}

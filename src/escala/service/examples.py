@@ -1,0 +1,67 @@
+"""Example tasks, for trying ``escala serve`` and for its demo and tests.
+
+escala serve --app escala.service.examples --no-auth
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+from .._task import task
+
+__all__ = ["echo", "fail", "fib", "hash_rounds", "nap", "noop", "spin"]
+
+
+@task(kind="io")
+async def echo(value: Any = None) -> Any:
+    """Return the value given: the cheapest possible job."""
+    return value
+
+
+@task(kind="io")
+async def noop() -> None:
+    """Do nothing: measures the service's own cost per job."""
+
+
+@task(kind="io")
+async def nap(seconds: float = 0.1) -> float:
+    """Wait ``seconds`` (at most 60) without using the CPU, like a call to another service."""
+    seconds = min(max(float(seconds), 0.0), 60.0)
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@task(kind="cpu")
+def fib(n: int = 25) -> int:
+    """Compute the n-th Fibonacci number the slow way (n at most 32): pure Python CPU work."""
+    n = min(int(n), 32)
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+@task(kind="cpu")
+def spin(seconds: float = 0.1) -> int:
+    """Keep one core busy in Python for ``seconds`` (at most 60); return the loop count."""
+    deadline = time.perf_counter() + min(max(float(seconds), 0.0), 60.0)
+    count = 0
+    while time.perf_counter() < deadline:
+        count += 1
+    return count
+
+
+@task(kind="io")
+def hash_rounds(rounds: int = 1000) -> str:
+    """Hash 64 KiB ``rounds`` times (at most 100,000): hashlib releases the GIL."""
+    data = bytes(65536)
+    digest = b""
+    for _ in range(min(int(rounds), 100_000)):
+        digest = hashlib.sha256(data + digest).digest()
+    return digest.hex()
+
+
+@task(kind="io")
+async def fail(message: str = "this task always fails") -> None:
+    """Raise ``RuntimeError(message)``: shows how a failed job looks."""
+    raise RuntimeError(message)

@@ -1,0 +1,206 @@
+"""Helpers for the service's tests: a real ``escala serve`` in a subprocess, and its app.
+
+The server listens on 127.0.0.1 on a free port (``--port 0``); the tests learn the port
+from the line it announces. It is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+APP = textwrap.dedent(
+    '''
+    """Tasks of the service's tests."""
+    import asyncio
+    import os
+    import time
+
+    import escala
+
+    _gates: dict[str, asyncio.Event] = {}
+
+
+    def _gate(name):
+        return _gates.setdefault(name, asyncio.Event())
+
+
+    @escala.task(kind="io")
+    async def hold(name: str) -> str:
+        """Wait until release(name) runs."""
+        await _gate(name).wait()
+        return name
+
+
+    @escala.task(kind="io")
+    async def release(name: str) -> None:
+        _gate(name).set()
+
+
+    @escala.task(kind="io")
+    async def echo(value=None):
+        return value
+
+
+    @escala.task(kind="io")
+    async def nap(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+
+    @escala.task(kind="io")
+    async def boom(message: str = "boom") -> None:
+        raise ValueError(message)
+
+
+    @escala.task(kind="cpu")
+    def square(x: int) -> int:
+        return x * x
+
+
+    @escala.task(kind="cpu")
+    def spin(seconds: float) -> int:
+        deadline = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+        return n
+
+
+    @escala.task(kind="cpu")
+    def not_json() -> object:
+        return {1, 2}
+
+
+    @escala.task(kind="cpu")
+    def pid() -> int:
+        return os.getpid()
+    '''
+)
+
+
+def write_app(folder: pathlib.Path, name: str = "svcapp") -> pathlib.Path:
+    """Write the tests' app module into ``folder``."""
+    (folder / f"{name}.py").write_text(APP)
+    return folder
+
+
+def escala(cwd: pathlib.Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the escala command in ``cwd`` and return what it did."""
+    return subprocess.run(
+        [sys.executable, "-m", "escala.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def add_key(cwd: pathlib.Path, user: str, *args: str, db: str = "escala.db") -> str:
+    """Make an API key for ``user`` with ``escala keys add`` and return it."""
+    done = escala(cwd, "keys", "--db", db, "add", user, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+class Server:
+    """``escala serve`` in a subprocess, on a free loopback port."""
+
+    def __init__(self, cwd: pathlib.Path, *args: str, app: str = "svcapp", db: str = "escala.db"):
+        self.cwd = cwd
+        self.log: list[str] = []
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "escala.cli",
+                "serve",
+                "--app",
+                app,
+                "--port",
+                "0",
+                "--db",
+                db,
+                *args,
+            ],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        self.url = ""
+        announced = threading.Event()
+        assert self.process.stderr is not None
+        stderr = self.process.stderr
+
+        def drain() -> None:
+            # reads until the server exits, so that its stderr pipe never fills up
+            for line in stderr:
+                self.log.append(line)
+                found = re.search(r"listening on (http://\S+)", line)
+                if found:
+                    self.url = found.group(1)
+                    announced.set()
+            announced.set()
+
+        self._reader = threading.Thread(target=drain, name="server-log", daemon=True)
+        self._reader.start()
+        if not announced.wait(60) or not self.url:
+            self.kill()
+            raise RuntimeError("the server did not start:\n" + "".join(self.log))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self, key: str | None = None, timeout: float = 30) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as an orchestrator would; return the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._close()
+        return code
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+        self._close()
+
+    def _close(self) -> None:
+        self._reader.join(10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def text(self) -> str:
+        return "".join(self.log)
+
+
+@contextmanager
+def serving(cwd: pathlib.Path, *args: str, **kwargs: str) -> Iterator[Server]:
+    """Run a server for the block, and stop it (SIGTERM, then kill) after."""
+    server = Server(cwd, *args, **kwargs)
+    try:
+        yield server
+    finally:
+        try:
+            server.stop(60)
+        finally:
+            server.kill()
