@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, _positive_float
+from ._cli_common import UsageError
+from ._cli_common import positive_float as _positive_float
 
 __all__ = ["add_commands"]
 

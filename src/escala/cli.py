@@ -21,19 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._cli_common import TaskFailed, UsageError
+from ._cli_common import positive_float as _positive_float
+from ._cli_common import positive_int as _positive_int
 from .bench.workloads.base import Prepared, Workload
 
 __all__ = ["main"]
 
 DEMO_MODES = ("sequential", "threads", "processes", "async", "auto")
-
-
-class UsageError(Exception):
-    """A mistake in what was asked: said in one line, exit status 2."""
-
-
-class TaskFailed(Exception):
-    """The user's function raised: said with its own error, exit status 1."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,26 +111,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # -- argument types ---------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
 
 
 def _names(text: str) -> list[str]:

@@ -202,6 +202,27 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such job for this user."}
 }
+_BAD_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body cannot be parsed (not UTF-8 JSON)."},
+    413: {"model": Problem, "description": "The body is larger than the server's limit."},
+}
+# Bodies the schema refuses get FastAPI's list of errors; arguments that do not fit the
+# task's signature (known only at run time), a Problem.
+_UNFIT: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "The body is invalid, or the arguments do not fit the task.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/HTTPValidationError"},
+                        {"$ref": "#/components/schemas/Problem"},
+                    ]
+                }
+            }
+        },
+    }
+}
 
 
 async def current_user(
@@ -263,7 +284,12 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         "/v1/jobs",
         status_code=202,
         response_model=JobOut,
-        responses={**_REFUSALS, 404: {"model": Problem, "description": "No such task."}},
+        responses={
+            **_REFUSALS,
+            **_BAD_BODY,
+            **_UNFIT,
+            404: {"model": Problem, "description": "No such task."},
+        },
     )
     async def submit(body: JobIn, user: User, response: Response) -> JobOut:
         """Queue a job; answered only once the job is durably stored."""
@@ -336,7 +362,13 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
     @app.post(
         "/v1/run/{task}",
         response_model=RunOut,
-        responses={**_REFUSALS, 404: {"model": Problem}, 504: {"model": Problem}},
+        responses={
+            **_REFUSALS,
+            **_BAD_BODY,
+            **_UNFIT,
+            404: {"model": Problem},
+            504: {"model": Problem},
+        },
     )
     async def run_task(
         task: Annotated[str, Path(max_length=200)],

@@ -164,6 +164,7 @@ class Service:
                 self._slots[pool] if pool == "io" else cfg.cpu_pool_size
             )
             self._loops.append(asyncio.create_task(self._dispatch(pool), name=f"escala-{pool}"))
+            self._wakes[pool].set()  # jobs loaded from the store wait for it
         self._loops.append(asyncio.create_task(self._heartbeat(), name="escala-heartbeat"))
         self._probe.start()
         self.state = Lifecycle.SERVING
@@ -185,6 +186,7 @@ class Service:
             self._running[job_id].cancel()
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=5)
+        left = sum(len(q) for q in self._queues.values())
         for pool in POOLS:
             while (item := self._queues[pool].pop()) is not None:
                 _, ticket = item
@@ -201,6 +203,10 @@ class Service:
         finally:
             await self.store.close()
             self.state = Lifecycle.STOPPED
+        log.info(
+            "stopped: %d jobs left unfinished, kept in the store for the next start",
+            left + len(unfinished),
+        )
 
     def _stop_pools(self, kill: bool) -> None:
         for pool in (self._procs, self._threads):
