@@ -40,7 +40,7 @@ def test_exported_members() -> None:
     for name in EXPECTED:
         assert getattr(escala, name) is not None
     public = {name for name in vars(escala) if not name.startswith("_")}
-    assert public - EXPECTED <= {"annotations", "advisor", "backends", "bench"}
+    assert public - EXPECTED <= {"annotations", "advisor", "backends", "bench", "service", "store"}
 
 
 def test_modes() -> None:

@@ -112,7 +112,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
         tasks = load_app(args.app)
         serve(config, tasks)
-    except (AppError, ConfigError, StoreError) as exc:
+    except ConfigError as exc:
+        # the settings are named as fields; on the command line they are flags
+        field, _, rest = str(exc).partition(" ")
+        flag = "--" + field.replace("_", "-") if field.isidentifier() else field
+        raise UsageError(f"{flag} {rest}") from None
+    except (AppError, StoreError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None

@@ -495,17 +495,11 @@ class Service:
         except TypeError as exc:
             outcome = RunResult(JobState.FAILED, error=_error_of(exc, "the task's result"))
             kept = await self.store.finish(job.id, self.owner, outcome.state, error=outcome.error)
-        if kept:
-            finished = replace(
-                job,
-                state=outcome.state,
-                result=outcome.result,
-                error=outcome.error,
-                finished_at=time.time(),
-                owner=None,
-                lease_until=None,
-            )
-            self._publish(finished)
+        if kept and job.id in self._watchers:
+            # read back what the store recorded, so watchers see the very same job as GET
+            finished = await self.store.get(job.id)
+            if finished is not None:
+                self._publish(finished)
 
     async def _heartbeat(self) -> None:
         """Renew the leases of running jobs, so that nobody takes them while they run."""
@@ -554,7 +548,12 @@ class Service:
             "rejected": {k: int(v) for k, v in rejected.items()},
             "throughput_per_s": m.throughput(),
             "queue": {"total": sum(by_user.values()), "by_user": by_user},
-            "running": dict(self._busy),
+            # a CPU job handed to the pool waits there for a free worker; count it as running
+            # only once a worker can be running it
+            "running": {
+                "cpu": min(self._busy["cpu"], self.config.cpu_pool_size),
+                "io": self._busy["io"],
+            },
             "workers": {"cpu": self.config.cpu_pool_size, "io": self._slots["io"]},
             "latency_ms": {
                 "queue": percentiles(m.recent_wait),
