@@ -27,6 +27,7 @@ APP = textwrap.dedent(
     import time
 
     import escala
+    import escala.service
 
     _gates: dict[str, asyncio.Event] = {}
 
@@ -45,6 +46,15 @@ APP = textwrap.dedent(
     @escala.task(kind="io")
     async def release(name: str) -> None:
         _gate(name).set()
+
+
+    @escala.task(kind="io")
+    async def steps(name: str) -> str:
+        """Wait for release(name), then report progress twice."""
+        await _gate(name).wait()
+        escala.service.report_progress(0.5, "half way")
+        escala.service.report_progress(1.0, "done")
+        return name
 
 
     @escala.task(kind="io")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+import escala.service
 from svc import Server, add_key, serving, write_app
 
 
@@ -90,6 +92,29 @@ def test_events_stream_every_state_until_the_end(site: Site) -> None:
                         assert other.post("/v1/run/release", json={"args": ["events"]}).is_success
         assert states[-1] == "succeeded"
         assert set(states) <= {"queued", "running", "succeeded"}
+
+
+def test_async_tasks_report_progress_to_the_event_stream(site: Site) -> None:
+    with site.client() as alice, site.client() as other:
+        job = submit(alice, "steps", "progress")
+        events: list[tuple[str, dict[str, object]]] = []
+        with alice.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+            name = ""
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+                    if name == "running":
+                        assert other.post("/v1/run/release", json={"args": ["progress"]}).is_success
+        progress = [data for name, data in events if name == "progress"]
+        assert progress == [
+            {"id": job["id"], "done": 0.5, "note": "half way"},
+            {"id": job["id"], "done": 1.0, "note": "done"},
+        ]
+        assert events[-1][0] == "succeeded"
+    # anywhere but in a running async task, there is nobody to tell
+    assert escala.service.report_progress(0.5) is False
 
 
 def test_without_a_valid_key_nothing_is_served(site: Site) -> None:

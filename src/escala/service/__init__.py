@@ -22,6 +22,7 @@ from ._config import ConfigError as ConfigError
 from ._config import ServiceConfig as ServiceConfig
 from ._core import Refused as Refused
 from ._core import Service as Service
+from ._core import report_progress as report_progress
 from ._registry import AppError as AppError
 from ._registry import load_app as load_app
 from ._server import serve as serve

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..store import Job, JobState, NewJob
 from ._admission import AdmissionMiddleware, Gate
-from ._core import Lifecycle, Refused, RunResult, Service
+from ._core import Lifecycle, Progress, Refused, RunResult, Service
 
 __all__ = ["create_app"]
 
@@ -318,8 +318,9 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
     ) -> JobOut:
         """Wait until the job ends or ``timeout`` passes, then show it (long-poll)."""
         last = None
-        async for job in service.watch(user, job_id, timeout):
-            last = job
+        async for change in service.watch(user, job_id, timeout):
+            if isinstance(change, Job):
+                last = change
         if last is None:
             raise HTTPException(404, "no such job")
         return job_out(last)
@@ -338,7 +339,8 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         user: User,
         timeout: Annotated[float, Query(ge=0, le=3600, description="Seconds to stream.")] = 300,
     ) -> StreamingResponse:
-        """Stream the job's state as server-sent events, until it ends."""
+        """Stream the job as server-sent events until it ends: an event named after each
+        state it enters (data: the job), and ``progress`` events its task reports."""
         if await service.get(user, job_id) is None:
             raise HTTPException(404, "no such job")
         return StreamingResponse(
@@ -445,8 +447,11 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
     return app
 
 
-async def _sse(jobs: AsyncIterator[Job]) -> AsyncIterator[str]:
+async def _sse(changes: AsyncIterator[Job | Progress]) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
-    async for job in jobs:
-        data = job_out(job).model_dump_json()
-        yield f"event: {job.state.value}\ndata: {data}\n\n"
+    async for change in changes:
+        if isinstance(change, Job):
+            yield f"event: {change.state.value}\ndata: {job_out(change).model_dump_json()}\n\n"
+        else:
+            data = json.dumps({"id": change.job_id, "done": change.done, "note": change.note})
+            yield f"event: progress\ndata: {data}\n\n"

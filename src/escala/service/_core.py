@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
+import functools
 import json
 import logging
 import math
@@ -39,7 +41,7 @@ from ._fair import FairQueue
 from ._metrics import LoopLagProbe, Metrics, percentiles
 from ._registry import TaskSpec, specs_of
 
-__all__ = ["Refused", "RunResult", "Service"]
+__all__ = ["Progress", "Refused", "RunResult", "Service", "report_progress"]
 
 log = logging.getLogger("escala.service")
 POOLS = ("cpu", "io")
@@ -73,6 +75,35 @@ class RunResult:
     result: Any = None
     error: dict[str, str] | None = None
     duration: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a running job has come, as its task reported it."""
+
+    job_id: str
+    done: float  # from 0 to 1
+    note: str = ""
+
+
+_reporter: contextvars.ContextVar[Callable[[float, str], None]] = contextvars.ContextVar(
+    "escala_progress_reporter"
+)
+
+
+def report_progress(done: float, note: str = "") -> bool:
+    """Tell the job's watchers (``/events``) how far the running task has come.
+
+    Call it from an ``async`` task run by ``escala serve``; ``done`` is a fraction from 0
+    to 1 (clamped), ``note`` a short text. Returns ``False``, and does nothing, anywhere
+    else: in a plain function, which runs on a thread or in another process, progress
+    does not travel.
+    """
+    report = _reporter.get(None)
+    if report is None:
+        return False
+    report(min(max(float(done), 0.0), 1.0), str(note)[:200])
+    return True
 
 
 @dataclass(eq=False, slots=True)
@@ -128,7 +159,7 @@ class Service:
         self._cancelled: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._watchers: dict[str, set[asyncio.Queue[Job]]] = {}
+        self._watchers: dict[str, set[asyncio.Queue[Job | Progress]]] = {}
         self._streams = 0
         self._probe = LoopLagProbe(self.metrics)
         self._procs: Pool | None = None
@@ -360,37 +391,47 @@ class Service:
         self._publish(job)
         return job, True
 
-    async def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job]:
+    async def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | Progress]:
         """Yield the user's job now and at every change, until it ends or ``timeout``.
 
-        Yields nothing for a job that is missing or someone else's.
+        Between changes of state, yields the ``Progress`` its task reports. Yields
+        nothing for a job that is missing or someone else's.
         """
         if self._streams >= self.config.max_streams:
             raise Refused(503, "too many open event streams and long-polls", 1)
-        changes: asyncio.Queue[Job] = asyncio.Queue()
+        changes: asyncio.Queue[Job | Progress] = asyncio.Queue()
         watchers = self._watchers.setdefault(job_id, set())
         watchers.add(changes)
         self._streams += 1
+        deadline = time.monotonic() + timeout
         try:
             job = await self.get(user, job_id)
             if job is None:
                 return
             yield job
-            async with asyncio.timeout(timeout):
-                while not job.state.final:
-                    job = await changes.get()
-                    yield job
-        except TimeoutError:
-            return
+            while not job.state.final:
+                # a deadline per wait, not a timeout around the yields: a timeout would
+                # fire in the consumer's code while it handles what was yielded
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    change = await asyncio.wait_for(changes.get(), left)
+                except TimeoutError:
+                    return
+                if isinstance(change, Job):
+                    job = change
+                yield change
         finally:
             self._streams -= 1
             watchers.discard(changes)
             if not watchers:
                 self._watchers.pop(job_id, None)
 
-    def _publish(self, job: Job) -> None:
-        for changes in self._watchers.get(job.id, ()):
-            changes.put_nowait(job)
+    def _publish(self, change: Job | Progress) -> None:
+        job_id = change.id if isinstance(change, Job) else change.job_id
+        for changes in self._watchers.get(job_id, ()):
+            changes.put_nowait(change)
 
     # -- running jobs ---------------------------------------------------------------------
 
@@ -433,11 +474,19 @@ class Service:
         spec = ticket.spec
         args, kwargs = (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
         if spec.is_async:
-            coro = asyncio.wait_for(spec.fn(*args, **kwargs), self.config.job_timeout)
-            return asyncio.ensure_future(coro)
+            # the task runs in a copy of this context: report_progress() finds its job there
+            token = _reporter.set(functools.partial(self._progress, ticket.job_id))
+            try:
+                coro = asyncio.wait_for(spec.fn(*args, **kwargs), self.config.job_timeout)
+                return asyncio.ensure_future(coro)
+            finally:
+                _reporter.reset(token)
         pool = self._procs if spec.pool == "cpu" else self._threads
         assert pool is not None
         return asyncio.wrap_future(pool.submit(spec.fn, *args, **kwargs))
+
+    def _progress(self, job_id: str, done: float, note: str) -> None:
+        self._publish(Progress(job_id, done, note))
 
     async def _execute(self, ticket: _Ticket, job: Job | None) -> None:
         pool = ticket.spec.pool
