@@ -212,9 +212,11 @@ class Service:
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=grace)
-        unfinished = list(self._running)
-        for job_id in unfinished:
-            self._running[job_id].cancel()
+        for running in self._running.values():
+            running.cancel()
+        # the stored ones go back to the queue; runs that were not stored are just refused
+        unfinished = [job_id for job_id in self._running if not job_id.startswith("run-")]
+        kill = bool(self._running)  # a worker still busy after the grace period is killed
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=5)
         left = sum(len(q) for q in self._queues.values())
@@ -224,7 +226,7 @@ class Service:
                 if ticket.reply is not None and not ticket.reply.done():
                     ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
         await self._probe.stop()
-        await asyncio.to_thread(self._stop_pools, bool(unfinished))
+        await asyncio.to_thread(self._stop_pools, kill)
         try:
             released = await self.store.release(self.owner, unfinished) if unfinished else 0
             if released:
