@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..store import Job, JobState, NewJob
 from ._admission import AdmissionMiddleware, Gate
+from ._config import is_loopback
 from ._core import Lifecycle, Progress, Refused, RunResult, Service
 
 __all__ = ["create_app"]
@@ -37,13 +42,38 @@ JobId = Annotated[str, Path(max_length=64, description="The id the job was given
 # -- bodies ---------------------------------------------------------------------------------
 
 
-class JobIn(BaseModel):
-    """A job to run later."""
+def _finite(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere in a JSON value.
+
+    Python's JSON parser reads ``NaN``, ``Infinity`` and ``1e400`` (as inf), which strict
+    JSON lacks: they could be neither stored nor sent back to a client.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite: JSON has no NaN or Infinity")
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return value
+
+
+class _Arguments(BaseModel):
+    """A task's arguments: JSON values only."""
 
     model_config = ConfigDict(extra="forbid")
-    task: str = Field(min_length=1, max_length=200, description="A task of GET /v1/tasks.")
     args: list[JsonValue] = Field(default_factory=list, max_length=10_000)
     kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+
+    _check_finite = field_validator("args", "kwargs")(_finite)
+
+
+class JobIn(_Arguments):
+    """A job to run later."""
+
+    task: str = Field(min_length=1, max_length=200, description="A task of GET /v1/tasks.")
     idempotency_key: str | None = Field(
         default=None,
         min_length=1,
@@ -53,12 +83,8 @@ class JobIn(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000, description="Higher runs first.")
 
 
-class RunIn(BaseModel):
+class RunIn(_Arguments):
     """Arguments of a task run in the request."""
-
-    model_config = ConfigDict(extra="forbid")
-    args: list[JsonValue] = Field(default_factory=list, max_length=10_000)
-    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
 
 
 class ErrorOut(BaseModel):
@@ -130,6 +156,18 @@ def job_out(job: Job) -> JobOut:
     )
 
 
+class AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped.
+
+    JSON's ``\\u`` escapes can spell lone surrogates, which UTF-8 cannot encode: echoed
+    back in an error or a result, they would make the answer itself fail. Escaped, any
+    string a client sent can be sent back.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 # -- middleware -----------------------------------------------------------------------------
 
 
@@ -199,6 +237,9 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
     429: {"model": Problem, "description": "Over this user's rate or queue limit."},
     503: {"model": Problem, "description": "Overloaded or shutting down; see Retry-After."},
 }
+_AUTH: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "A valid API key is needed."}
+}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such job for this user."}
 }
@@ -261,14 +302,31 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         version=__version__,
         summary="Durable jobs for many users: fair, admission-controlled, never blocking.",
         lifespan=service.lifespan if manage else None,
-        responses={401: {"model": Problem, "description": "A valid API key is needed."}},
+        default_response_class=AsciiJSON,
+        responses={503: {"model": Problem, "description": "Overloaded; see Retry-After."}},
     )
     app.state.service = service
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> Response:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return JSONResponse({"detail": exc.detail}, exc.status, headers=headers)
+        return AsciiJSON({"detail": exc.detail}, exc.status, headers=headers)
+
+    # FastAPI's own handlers answer with plain JSONResponse: replaced, so that what a
+    # client sent can always be echoed back (see AsciiJSON)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return AsciiJSON({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = jsonable_encoder(exc.errors())
+        for error in errors:
+            try:
+                json.dumps(error.get("input"), allow_nan=False)
+            except ValueError:  # NaN or infinity: echo it as text, strict JSON has none
+                error["input"] = repr(error["input"])
+        return AsciiJSON({"detail": errors}, 422)
 
     def task_of(name: str) -> None:
         if name not in service.tasks:
@@ -285,6 +343,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         status_code=202,
         response_model=JobOut,
         responses={
+            **_AUTH,
             **_REFUSALS,
             **_BAD_BODY,
             **_UNFIT,
@@ -302,7 +361,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
             response.headers["Idempotent-Replayed"] = "true"
         return job_out(job)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_NOT_FOUND)
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses={**_AUTH, **_NOT_FOUND})
     async def get_job(job_id: JobId, user: User) -> JobOut:
         """Show a job: its state, and its result or error once it has ended."""
         job = await service.get(user, job_id)
@@ -310,7 +369,11 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
             raise HTTPException(404, "no such job")
         return job_out(job)
 
-    @app.get("/v1/jobs/{job_id}/wait", response_model=JobOut, responses={**_NOT_FOUND, **_REFUSALS})
+    @app.get(
+        "/v1/jobs/{job_id}/wait",
+        response_model=JobOut,
+        responses={**_AUTH, **_NOT_FOUND, **_REFUSALS},
+    )
     async def wait_job(
         job_id: JobId,
         user: User,
@@ -329,6 +392,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         "/v1/jobs/{job_id}/events",
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."},
+            **_AUTH,
             **_NOT_FOUND,
             **_REFUSALS,
         },
@@ -350,7 +414,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
     @app.delete(
         "/v1/jobs/{job_id}",
         response_model=JobOut,
-        responses={**_NOT_FOUND, 409: {"model": Problem}},
+        responses={**_AUTH, **_NOT_FOUND, 409: {"model": Problem}},
     )
     async def cancel_job(job_id: JobId, user: User) -> JobOut:
         """Cancel a job that has not ended: drop it from the queue, or stop it."""
@@ -365,6 +429,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         "/v1/run/{task}",
         response_model=RunOut,
         responses={
+            **_AUTH,
             **_REFUSALS,
             **_BAD_BODY,
             **_UNFIT,
@@ -376,7 +441,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         task: Annotated[str, Path(max_length=200)],
         user: User,
         body: RunIn | None = None,
-        timeout: Annotated[float, Query(gt=0, le=300, description="Deadline in seconds.")] = 30,
+        timeout: Annotated[float, Query(ge=0.001, le=300, description="Deadline in seconds.")] = 30,
     ) -> RunOut:
         """Run a task now and answer with its result (request/response style; not stored)."""
         task_of(task)
@@ -396,7 +461,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
             duration_ms=round(outcome.duration * 1000, 3),
         )
 
-    @app.get("/v1/tasks", response_model=list[TaskOut])
+    @app.get("/v1/tasks", response_model=list[TaskOut], responses=_AUTH)
     async def list_tasks(user: User) -> list[TaskOut]:
         """List the tasks this service runs."""
         return [
@@ -411,15 +476,23 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         ]
 
     @app.get("/v1/stats", tags=["operations"])
-    async def stats() -> dict[str, Any]:
-        """Live figures for the dashboard: throughput, queues, latencies, loop lag."""
-        return service.stats()
+    async def stats(request: Request) -> dict[str, Any]:
+        """Live figures for the dashboard: throughput, queues, latencies, loop lag.
+
+        Queue depth per user names users, so it is shown only to clients on this machine
+        (or with keys off); others see the totals.
+        """
+        figures = service.stats()
+        client = request.client.host if request.client else ""
+        if service.config.auth and not is_loopback(client):
+            figures["queue"]["by_user"] = {}
+        return figures
 
     @app.get("/healthz", tags=["operations"], responses={503: {"model": Problem}})
-    async def healthz() -> JSONResponse:
+    async def healthz() -> AsciiJSON:
         """Say whether the server takes work."""
         serving = service.state is Lifecycle.SERVING
-        return JSONResponse(
+        return AsciiJSON(
             {"status": "ok" if serving else service.state.value}, 200 if serving else 503
         )
 
@@ -451,7 +524,8 @@ async def _sse(changes: AsyncIterator[Job | Progress]) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
     async for change in changes:
         if isinstance(change, Job):
-            yield f"event: {change.state.value}\ndata: {job_out(change).model_dump_json()}\n\n"
+            data = json.dumps(job_out(change).model_dump(mode="json"), separators=(",", ":"))
+            yield f"event: {change.state.value}\ndata: {data}\n\n"
         else:
             data = json.dumps({"id": change.job_id, "done": change.done, "note": change.note})
             yield f"event: progress\ndata: {data}\n\n"

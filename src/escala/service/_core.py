@@ -598,7 +598,7 @@ class Service:
             "jobs": {"submitted": int(submitted), **{k: int(v) for k, v in finished.items()}},
             "rejected": {k: int(v) for k, v in rejected.items()},
             "throughput_per_s": m.throughput(),
-            "queue": {"total": sum(by_user.values()), "by_user": by_user},
+            "queue": {"total": sum(by_user.values()), "users": len(by_user), "by_user": by_user},
             # a CPU job handed to the pool waits there for a free worker; count it as running
             # only once a worker can be running it
             "running": {
