@@ -40,7 +40,15 @@ def test_exported_members() -> None:
     for name in EXPECTED:
         assert getattr(escala, name) is not None
     public = {name for name in vars(escala) if not name.startswith("_")}
-    assert public - EXPECTED <= {"annotations", "advisor", "backends", "bench", "service", "store"}
+    assert public - EXPECTED <= {
+        "annotations",
+        "advisor",
+        "backends",
+        "bench",
+        "load",
+        "service",
+        "store",
+    }
 
 
 def test_modes() -> None:

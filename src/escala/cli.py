@@ -1,4 +1,4 @@
-"""The ``escala`` command: ``demo``, ``bench``, ``advise``, ``serve`` and ``keys``.
+"""The ``escala`` command: ``demo``, ``bench``, ``advise``, ``serve``, ``keys`` and ``load``.
 
 The CLI is a client of the public API and of :mod:`escala.bench`, like any user. Mistakes
 (a target that cannot be imported, an input file with a bad line, a function that raises
@@ -104,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
             sub.set_defaults(run=_bench)
         else:
             sub.set_defaults(run=_advise)
-    from ._cli_service import add_commands
+    from . import _cli_load, _cli_service
 
-    add_commands(commands)
+    _cli_service.add_commands(commands)
+    _cli_load.add_commands(commands)
     return parser
 
 
