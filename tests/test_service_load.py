@@ -135,3 +135,12 @@ def test_the_event_loop_stays_responsive_while_cpu_tasks_take_every_core(
     # one blocked loop would show a lag of about 1,000 ms; 250 leaves room for a slow
     # machine without ever mistaking a blocked loop for a busy one
     assert lag["max"] < 250, lag
+
+
+def test_without_admission_control_everything_waits_instead(tmp_path: pathlib.Path) -> None:
+    """--no-admission (for comparisons only): the same overload is queued, not refused."""
+    write_app(tmp_path)
+    args = ("--no-auth", "--max-inflight", "2", "--io-limit", "2", "--no-admission")
+    with serving(tmp_path, *args) as server:
+        answers = asyncio.run(flood(server, None, "/v1/run/nap", {"args": [0.1]}, 12, 12))
+    assert [a.status_code for a in answers] == [200] * 12

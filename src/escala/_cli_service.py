@@ -53,6 +53,11 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--burst", type=int, help="default bucket size per user")
     serve.add_argument("--max-inflight", type=int, default=256, help="HTTP requests at once")
     serve.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="turn admission control off (to see what it buys; not for production)",
+    )
+    serve.add_argument(
         "--grace", type=_positive_float, default=10.0, help="seconds to finish on SIGTERM"
     )
     serve.set_defaults(run=_serve)
@@ -109,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
             burst=args.burst,
             max_inflight=args.max_inflight,
             grace=args.grace,
+            admission=not args.no_admission,
         )
         tasks = load_app(args.app)
         serve(config, tasks)

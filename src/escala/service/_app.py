@@ -509,13 +509,14 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
 
     gate = Gate(max_inflight=service.config.max_inflight, max_waiting=service.config.max_waiting)
     app.add_middleware(BodyLimit, limit=service.config.max_body)
-    app.add_middleware(
-        AdmissionMiddleware,
-        gate=gate,
-        exempt=("/healthz", "/metrics"),
-        unlimited=("/v1/jobs/",),
-        on_refuse=service.metrics.rejected.labels("busy").inc,
-    )
+    if service.config.admission:
+        app.add_middleware(
+            AdmissionMiddleware,
+            gate=gate,
+            exempt=("/healthz", "/metrics"),
+            unlimited=("/v1/jobs/",),
+            on_refuse=service.metrics.rejected.labels("busy").inc,
+        )
     app.state.gate = gate
     return app
 

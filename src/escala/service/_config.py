@@ -41,6 +41,8 @@ class ServiceConfig:
         max_streams: open long-polls and event streams at once.
         grace: seconds running jobs get to finish on SIGTERM before they go back to the
             queue for the next start.
+        admission: ``False`` turns off the in-flight gate and the queue-wait deadline
+            (queue bounds and rate limits stay): only to show what admission control buys.
     """
 
     app: str | None = None
@@ -63,12 +65,23 @@ class ServiceConfig:
     max_body: int = 1 << 20
     max_streams: int = 10_000
     grace: float = 10.0
+    admission: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "db", Path(self.db))
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in {"app", "db", "host", "port", "auth", "rate", "burst", "cpu_workers"}:
+            if f.name in {
+                "app",
+                "db",
+                "host",
+                "port",
+                "auth",
+                "rate",
+                "burst",
+                "cpu_workers",
+                "admission",
+            }:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{f.name} must be a positive number, got {value!r}")

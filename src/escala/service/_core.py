@@ -309,7 +309,7 @@ class Service:
             self.metrics.rejected.labels("queue_full").inc()
             raise Refused(503, "the job queue is full", 5)
         deadline = self._deadlines[spec.pool]
-        if deadline.overloaded():
+        if self.config.admission and deadline.overloaded():
             self.metrics.rejected.labels("queue_wait").inc()
             raise Refused(
                 503,
