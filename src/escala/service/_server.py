@@ -77,6 +77,9 @@ async def _serve(
                 access_log=False,
                 timeout_graceful_shutdown=max(1, min(round(config.grace), 3)),
                 lifespan="on",
+                # uvicorn's default of 5 s closes idle pooled connections under clients
+                # that reuse them a moment later (a POST can race the close)
+                timeout_keep_alive=30,
             )
         )
         host, port = sock.getsockname()[:2]
