@@ -71,7 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workloads", type=_names, default=None, help="comma-separated (default: all)"
     )
-    demo.add_argument("--chart", default="escala-demo.png", help="where to save the chart")
+    demo.add_argument(
+        "--service",
+        action="store_true",
+        help="instead: escala serve under load from escala load (concurrency, offloading "
+        "CPU work, admission control under overload); about a minute",
+    )
+    demo.add_argument(
+        "--chart",
+        help="where to save the chart (default escala-demo.png, with --service "
+        "escala-demo-service.png)",
+    )
     demo.add_argument("--no-chart", action="store_true", help="do not draw the chart")
     demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     demo.set_defaults(run=_demo)
@@ -286,6 +296,12 @@ def _status(console: Any, text: str) -> Iterator[Callable[[str], None]]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.service:
+        if args.workloads:
+            raise UsageError("--workloads chooses the workloads of the demo without --service")
+        from . import _demo_service
+
+        return _demo_service.run(args, machine=_machine_line(), leftovers=_leftovers)
     from . import bench
 
     known = bench.workloads.names()
@@ -308,7 +324,8 @@ def _demo(args: argparse.Namespace) -> int:
             comparisons.append(bench.compare(workload, DEMO_MODES, scale=args.scale))
     console.print(bench.table(comparisons))
     _print_auto(console, comparisons)
-    _outputs(console, comparisons, args.json, None if args.no_chart else args.chart)
+    chart = None if args.no_chart else (args.chart or "escala-demo.png")
+    _outputs(console, comparisons, args.json, chart)
     console.print(f"\nDone in {time.perf_counter() - started:.1f} s; {_leftovers()}.")
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._task import task
 
-__all__ = ["echo", "fail", "fib", "hash_rounds", "nap", "noop", "spin"]
+__all__ = ["echo", "fail", "fib", "fib_on_loop", "hash_rounds", "nap", "noop", "spin"]
 
 
 @task(kind="io")
@@ -39,6 +39,18 @@ def fib(n: int = 25) -> int:
     """Compute the n-th Fibonacci number the slow way (n at most 32): pure Python CPU work."""
     n = min(int(n), 32)
     return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+@task(kind="io")
+async def fib_on_loop(n: int = 25) -> int:
+    """What not to do, for the demo: ``fib(n)`` computed ON the event loop.
+
+    A coroutine that computes without awaiting holds the loop for the whole call, so
+    every other request on the server (health checks included) waits behind it.
+    ``escala demo --service`` sets it beside :func:`fib`, which runs in the process pool,
+    and measures the difference. CPU work belongs in a plain ``kind="cpu"`` function.
+    """
+    return fib(n)
 
 
 @task(kind="cpu")
