@@ -92,6 +92,12 @@ APP = textwrap.dedent(
         return {1, 2}
 
 
+    @escala.task(kind="io")
+    def take_the_server_down() -> None:
+        """A poison job: runs on a thread of the server, and ends the server."""
+        os._exit(3)
+
+
     @escala.task(kind="cpu")
     def pid() -> int:
         return os.getpid()

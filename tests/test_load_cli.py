@@ -127,8 +127,9 @@ def _closed_port() -> int:
         (("http://127.0.0.1:{port}/", "--duration", "soon"), "500ms, 30s, 2m or 1h"),
         (("http://127.0.0.1:{port}/", "--users", "many"), "--users must be a whole number"),
         (("http://127.0.0.1:{port}/", "--body", "{oops"), "--body is not valid JSON"),
+        (("http://127.0.0.1:{port}/", "--json", "/no/such/dir/r.json"), "cannot write --json"),
     ],
-    ids=["unreachable", "malformed", "rate-zero", "duration", "users", "body"],
+    ids=["unreachable", "malformed", "rate-zero", "duration", "users", "body", "json-path"],
 )
 def test_bad_input_is_one_line_and_exit_status_2(
     tmp_path: pathlib.Path, args: tuple[str, ...], message: str

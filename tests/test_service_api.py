@@ -158,6 +158,9 @@ def test_bad_requests_are_named_and_refused(site: Site) -> None:
             "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
         )
         assert garbled.status_code == 422
+        form = alice.post("/v1/jobs", content=b'{"task": "echo"}', headers={"content-type": ""})
+        assert form.status_code == 422
+        assert "Content-Type: application/json" in form.json()["detail"]
         unknown = alice.post("/v1/jobs", json={"task": "os.system", "args": ["true"]})
         assert unknown.status_code == 404
         assert "GET /v1/tasks" in unknown.json()["detail"]
@@ -183,6 +186,11 @@ def test_the_same_idempotency_key_gives_the_same_job(site: Site) -> None:
         assert first.status_code == again.status_code == 202
         assert again.json()["id"] == first.json()["id"]
         assert again.headers["idempotent-replayed"] == "true"
+        other = alice.post(
+            "/v1/jobs", json={"task": "square", "args": [4], "idempotency_key": "k1"}
+        )
+        assert other.status_code == 409
+        assert "already used for job" in other.json()["detail"]
         theirs = bob.post("/v1/jobs", json={"task": "square", "args": [3], "idempotency_key": "k1"})
         assert theirs.json()["id"] != first.json()["id"]
 

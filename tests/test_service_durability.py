@@ -89,7 +89,7 @@ def test_sigterm_lets_running_jobs_finish_and_keeps_the_queue(tmp_path: pathlib.
             waiting = client.post("/v1/jobs", json={"task": "echo", "args": ["later"]}).json()
             events_until(client, running["id"], "running")
         assert server.stop() in STOPPED
-    assert "stopped: 1 jobs left unfinished" in server.text()
+    assert "jobs left unfinished, kept in the store for the next start: 1" in server.text()
     assert "Traceback" not in server.text()
     with serving(tmp_path, "--no-auth") as again, again.client() as client:
         first = client.get(f"/v1/jobs/{running['id']}").json()
@@ -106,7 +106,7 @@ def test_a_job_still_running_after_the_grace_period_runs_again_next_time(
         held = client.post("/v1/jobs", json={"task": "hold", "args": ["grace"]}).json()
         events_until(client, held["id"], "running")
         assert server.stop() in STOPPED
-    assert "1 running jobs did not finish in 0 s: queued again" in server.text()
+    assert "running jobs that did not finish in 0.2 s, queued again: 1" in server.text()
     with serving(tmp_path, "--no-auth") as again, again.client() as client:
         events_until(client, held["id"], "running")
         assert client.post("/v1/run/release", json={"args": ["grace"]}).is_success
@@ -126,3 +126,23 @@ def test_a_second_server_on_the_same_file_is_refused(tmp_path: pathlib.Path) -> 
             raise AssertionError("two servers opened one SQLite file")
         assert f"in use by another escala server (pid {first.pid})" in message
         assert "Traceback" not in message
+
+
+def test_a_job_that_keeps_killing_its_server_fails_after_max_attempts(
+    tmp_path: pathlib.Path,
+) -> None:
+    write_app(tmp_path)
+    args = ("--no-auth", "--max-attempts", "2")
+    with serving(tmp_path, *args) as server, server.client() as client:
+        poison = client.post("/v1/jobs", json={"task": "take_the_server_down"}).json()
+        assert server.process.wait(30) == 3
+    again = Server(tmp_path, *args)  # runs it a second time, and goes down with it
+    assert again.process.wait(30) == 3
+    again.kill()
+    assert f"job {poison['id']} (task take_the_server_down) was interrupted 1 time" in again.text()
+    with serving(tmp_path, *args) as last, last.client() as client:
+        job = client.get(f"/v1/jobs/{poison['id']}").json()
+        assert client.get("/healthz").json() == {"status": "ok"}
+    assert job["state"] == "failed"
+    assert job["error"]["type"] == "TooManyAttempts"
+    assert "2 times" in job["error"]["message"]

@@ -148,3 +148,25 @@ def test_without_admission_control_everything_waits_instead(tmp_path: pathlib.Pa
     with serving(tmp_path, *args) as server:
         answers = asyncio.run(flood(server, None, "/v1/run/nap", {"args": [0.1]}, 12, 12))
     assert [a.status_code for a in answers] == [200] * 12
+
+
+def test_a_run_that_cannot_meet_its_deadline_is_refused_before_any_work(
+    tmp_path: pathlib.Path,
+) -> None:
+    write_app(tmp_path)
+    with serving(tmp_path, "--no-auth", "--cpu-workers", "1") as server, server.client() as client:
+        # one run teaches the server how long a spin(0.5) takes
+        assert client.post("/v1/run/spin", json={"args": [0.5]}).json()["state"] == "succeeded"
+        ids = [
+            client.post("/v1/jobs", json={"task": "spin", "args": [0.5]}).json()["id"]
+            for _ in range(4)
+        ]
+        late = client.post("/v1/run/spin", json={"args": [0.5]}, params={"timeout": 0.5})
+        assert late.status_code == 503
+        assert "past this request's 0.5 s deadline" in late.json()["detail"]
+        assert int(late.headers["retry-after"]) >= 1
+        # with a deadline the queue allows, the same run is served
+        ok = client.post("/v1/run/spin", json={"args": [0.5]}, params={"timeout": 30})
+        assert ok.json()["state"] == "succeeded"
+        for job_id in ids:
+            assert client.get(f"/v1/jobs/{job_id}/wait").json()["state"] == "succeeded"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ def _load(args: argparse.Namespace) -> int:
     spec = _spec(args, load, parse_body, parse_header)
     if args.compare and args.plot:
         raise UsageError("--plot draws one run: leave it out with --compare")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        # said before the run, not after minutes of load whose figures could not be kept
+        folder = Path(path).resolve().parent if path else None
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise UsageError(f"cannot write {flag} {path!r}: {folder} is not a writable folder")
     try:
         load.check_target(spec)
     except load.LoadError as exc:

@@ -53,6 +53,12 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--burst", type=int, help="default bucket size per user")
     serve.add_argument("--max-inflight", type=int, default=256, help="HTTP requests at once")
     serve.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        help="runs a job gets when the server keeps stopping under it",
+    )
+    serve.add_argument(
         "--no-admission",
         action="store_true",
         help="turn admission control off (to see what it buys; not for production)",
@@ -115,6 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_inflight=args.max_inflight,
             grace=args.grace,
             admission=not args.no_admission,
+            max_attempts=args.max_attempts,
         )
         tasks = load_app(args.app)
         serve(config, tasks)

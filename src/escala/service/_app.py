@@ -320,6 +320,14 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in kind:
+            # curl -d sends form encoding: say what to send rather than what pydantic saw
+            detail = (
+                f"the body must be JSON, sent with `Content-Type: application/json` "
+                f"(this request said {kind or 'nothing'!r})"
+            )
+            return AsciiJSON({"detail": detail}, 422)
         errors = jsonable_encoder(exc.errors())
         for error in errors:
             try:
@@ -348,6 +356,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
             **_BAD_BODY,
             **_UNFIT,
             404: {"model": Problem, "description": "No such task."},
+            409: {"model": Problem, "description": "The idempotency key named another job."},
         },
     )
     async def submit(body: JobIn, user: User, response: Response) -> JobOut:
@@ -422,7 +431,10 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         if job is None:
             raise HTTPException(404, "no such job")
         if not cancelled:
-            raise HTTPException(409, f"the job has already {job.state.value}")
+            ended = {"succeeded": "it succeeded", "failed": "it failed"}
+            raise HTTPException(
+                409, f"the job has already ended: {ended.get(job.state.value, 'it was cancelled')}"
+            )
         return job_out(job)
 
     @app.post(

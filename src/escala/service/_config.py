@@ -41,6 +41,8 @@ class ServiceConfig:
         max_streams: open long-polls and event streams at once.
         grace: seconds running jobs get to finish on SIGTERM before they go back to the
             queue for the next start.
+        max_attempts: a job interrupted this many times (its server stopped or crashed
+            while it ran) fails instead of running again.
         admission: ``False`` turns off the in-flight gate and the queue-wait deadline
             (queue bounds and rate limits stay): only to show what admission control buys.
     """
@@ -65,6 +67,7 @@ class ServiceConfig:
     max_body: int = 1 << 20
     max_streams: int = 10_000
     grace: float = 10.0
+    max_attempts: int = 5
     admission: bool = True
 
     def __post_init__(self) -> None:

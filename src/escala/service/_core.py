@@ -149,8 +149,11 @@ class Service:
         self._queues: dict[str, FairQueue[_Ticket]] = {
             pool: FairQueue(weight_of=self._weight) for pool in POOLS
         }
-        # two jobs per CPU worker: the next one is already in the pool when one ends
-        self._slots = {"cpu": 2 * config.cpu_pool_size, "io": config.io_limit}
+        # one job per CPU worker: a job waits in the fair queue, where a deadline or a
+        # cancel can still drop it, and is RUNNING only once a worker can run it
+        self._slots = {"cpu": config.cpu_pool_size, "io": config.io_limit}
+        # recent run time per pool (EWMA), to tell a request that cannot be served in time
+        self._service_time = dict.fromkeys(POOLS, 0.0)
         self._busy = dict.fromkeys(POOLS, 0)
         self._deadlines = {pool: QueueDeadline(target=config.max_queue_wait) for pool in POOLS}
         self._buckets = TokenBuckets()
@@ -189,9 +192,7 @@ class Service:
                 await self.store.close()
             raise
         if recovered:
-            log.warning(
-                "%d jobs were running when the last server stopped: queued again", recovered
-            )
+            log.warning("jobs running when the last server stopped, queued again: %d", recovered)
         for pool in POOLS:
             self.metrics.workers.labels(pool).set(
                 self._slots[pool] if pool == "io" else cfg.cpu_pool_size
@@ -233,13 +234,13 @@ class Service:
             released = await self.store.release(self.owner, unfinished) if unfinished else 0
             if released:
                 log.warning(
-                    "%d running jobs did not finish in %.0f s: queued again", released, grace
+                    "running jobs that did not finish in %g s, queued again: %d", grace, released
                 )
         finally:
             await self.store.close()
             self.state = Lifecycle.STOPPED
         log.info(
-            "stopped: %d jobs left unfinished, kept in the store for the next start",
+            "stopped; jobs left unfinished, kept in the store for the next start: %d",
             left + len(unfinished),
         )
 
@@ -259,7 +260,17 @@ class Service:
 
     async def _requeue_stored(self) -> None:
         stored = await self.store.queued()
-        gone = [job for job in stored if job.task not in self.tasks]
+        limit = self.config.max_attempts
+        gone = [job for job in stored if job.task not in self.tasks or job.attempts >= limit]
+        stored = [job for job in stored if job not in gone]
+        for job in stored:
+            if job.attempts:
+                log.warning(
+                    "job %s (task %s) was interrupted %d time(s) while it ran: it runs again",
+                    job.id,
+                    job.task,
+                    job.attempts,
+                )
         now_wall, now = time.time(), time.monotonic()
         for job in stored:
             if job.task in self.tasks:
@@ -269,13 +280,22 @@ class Service:
         if gone:
             # jobs of a task this app no longer offers would wait forever: end them, and say why
             for job in await self.store.claim([j.id for j in gone], self.owner, self.config.lease):
-                error = {
-                    "type": "UnknownTask",
-                    "message": f"task {job.task!r} is no longer offered",
-                }
+                if job.task not in self.tasks:
+                    error = {
+                        "type": "UnknownTask",
+                        "message": f"task {job.task!r} is no longer offered",
+                    }
+                else:
+                    # a job that keeps taking its server down must not do it forever
+                    error = {
+                        "type": "TooManyAttempts",
+                        "message": f"the server stopped or crashed each of the {limit} times "
+                        "this job ran; it is not run again",
+                    }
+                log.warning("job %s (task %s) failed: %s", job.id, job.task, error["message"])
                 await self.store.finish(job.id, self.owner, JobState.FAILED, error=error)
         if stored:
-            log.info("%d queued jobs loaded from the store", len(stored) - len(gone))
+            log.info("queued jobs loaded from the store: %d", len(stored))
 
     def _weight(self, user: str) -> float:
         record = self.auth.record_of(user)
@@ -331,6 +351,17 @@ class Service:
         spec.check_arguments(job.args, job.kwargs)
         self._admit(job.user, spec)
         stored, created = await self.store.submit(job)
+        if not created and (stored.task, stored.args, stored.kwargs) != (
+            job.task,
+            list(job.args),
+            dict(job.kwargs),
+        ):
+            # the key is the client's promise that this is the same request, retried
+            raise Refused(
+                409,
+                f"idempotency key {job.idempotency_key!r} was already used for job "
+                f"{stored.id} ({stored.task}) with other arguments; use a new key for new work",
+            )
         if created:
             ticket = _Ticket(stored.id, stored.user, spec, time.monotonic())
             self._queues[spec.pool].push(stored.user, ticket, priority=stored.priority)
@@ -343,13 +374,27 @@ class Service:
     ) -> RunResult:
         """Run a task now, fairly queued like a job but not stored, and return its outcome.
 
+        A run that the queue ahead of it would keep past ``timeout`` is refused at once
+        (503), before any work: its client would only give up on it, and a server that
+        accepts such runs spends its overload on answers nobody reads.
+
         Raises:
             KeyError, TypeError, Refused: as ``submit``.
-            TimeoutError: it did not finish within ``timeout`` (it was stopped).
+            TimeoutError: it did not finish within ``timeout``. An async task is stopped;
+                a task on a thread or in a process finishes, its result dropped.
         """
         spec = self.tasks[task]
         spec.check_arguments(args, kwargs)
         self._admit(user, spec)
+        wait = self._expected_wait(spec.pool)
+        if wait > timeout:
+            self.metrics.rejected.labels("deadline").inc()
+            raise Refused(
+                503,
+                f"the {spec.pool} workers are busy for about {wait:.1f} s, past this "
+                f"request's {timeout:g} s deadline",
+                max(1, math.ceil(wait - timeout)),
+            )
         reply: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         ticket = _Ticket(
             f"run-{uuid.uuid4().hex}", user, spec, time.monotonic(), args, kwargs, reply
@@ -367,6 +412,11 @@ class Service:
                 if (running := self._running.get(ticket.job_id)) is not None:
                     self._cancelled.add(ticket.job_id)
                     running.cancel()
+
+    def _expected_wait(self, pool: str) -> float:
+        """Estimate how long a job entering ``pool``'s queue now waits for a worker."""
+        ahead = len(self._queues[pool]) + max(0, self._busy[pool] - self._slots[pool] + 1)
+        return ahead * self._service_time[pool] / self._slots[pool]
 
     async def get(self, user: str, job_id: str) -> Job | None:
         """Return the user's job; ``None`` for a job that is missing or someone else's."""
@@ -534,6 +584,11 @@ class Service:
         ran = time.monotonic() - started
         outcome = replace(outcome, duration=ran)
         self.metrics.job_done(pool, outcome.state.value, waited, ran)
+        # an exponential moving average: recent enough to follow a change of load
+        if self._service_time[pool] == 0.0:
+            self._service_time[pool] = ran
+        else:
+            self._service_time[pool] += 0.1 * (ran - self._service_time[pool])
         if ticket.reply is not None:
             if not ticket.reply.done():
                 ticket.reply.set_result(outcome)
