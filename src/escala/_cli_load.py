@@ -126,6 +126,9 @@ def _load(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     console = Console()
+    if not console.is_terminal:
+        # piped to a file or a CI log: no terminal to fit, so never cut a figure to 80
+        console = Console(width=max(console.width, 132))
     # the live line goes to stderr and disappears: stdout is for the report alone
     with Live(console=Console(stderr=True), auto_refresh=False, transient=True) as live:
         if args.compare:
