@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -24,21 +29,101 @@ settings.register_profile(
 settings.register_profile("ci", parent=settings.get_profile("default"), max_examples=15)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
-ALL_MODES = list(escala.MODES)
+# The local modes, then the optional engines that are installed: dask runs every behaviour
+# test on one real local cluster shared by the session (see ``dask_cluster``).
+HAS_DASK = importlib.util.find_spec("distributed") is not None
+ALL_MODES = list(escala.MODES) + (["dask"] if HAS_DASK else [])
 # Processes that multiprocessing keeps for the life of the interpreter, by design.
 _HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+# Threads that distributed keeps for the life of the interpreter, one of each, shared by
+# every Dask client (it runs future callbacks and deserialisation on them).
+_THREAD_HELPERS = ("Dask-Callback-Thread", "Dask-Offload")
+# Threads and processes owned by session fixtures (the Dask cluster and its client).
+_SESSION_THREADS: set[threading.Thread] = set()
+_SESSION_PIDS: set[int] = set()
+
+# The cluster runs in a child process of its own, so that its scheduler, nannies and
+# worker processes (restarted when a test kills one) are all its descendants, owned by the
+# session; the tests' process holds only the client.
+_CLUSTER_SCRIPT = """
+import sys, dask, distributed
+if __name__ == "__main__":
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, silence_logs=50,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        )
+    print(cluster.scheduler_address, flush=True)
+    sys.stdin.read()  # until the tests' process closes the pipe (or dies)
+    cluster.close()
+"""
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[Any]:
+    """A real Dask LocalCluster (2 worker processes × 1 thread, on 127.0.0.1, no dashboard)
+    for the whole session, and a client connected to it."""
+    import distributed
+
+    tests = str(pathlib.Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, *sys.path]))}
+    threads = _threads()
+    host = subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    _SESSION_PIDS.add(host.pid)
+    assert host.stdout is not None and host.stdin is not None
+    address = host.stdout.readline().strip()
+    if not address:
+        host.kill()
+        host.wait()
+        host.stdin.close()
+        host.stdout.close()
+        pytest.fail("the Dask cluster did not start")
+    client = distributed.Client(address, set_as_default=False, timeout=30)
+    _SESSION_THREADS.update(_threads() - threads)
+    try:
+        yield client
+    finally:
+        client.close()
+        host.stdin.close()
+        host.stdout.close()
+        try:
+            host.wait(30)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait()
 
 
 @pytest.fixture(params=ALL_MODES)
-def mode(request: pytest.FixtureRequest) -> str:
-    """Each behaviour test runs once per execution model, with the mode as its id."""
-    return str(request.param)
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each behaviour test runs once per execution model, with the mode as its id.
+
+    Under dask the session's cluster is the current Dask client, so ``mode="dask"`` without
+    an address runs there, as it would in a program that made its own client.
+    """
+    if request.param == "dask":
+        client = request.getfixturevalue("dask_cluster")
+        with client.as_current():
+            yield "dask"
+    else:
+        yield str(request.param)
 
 
 @pytest.fixture(params=[m for m in ALL_MODES if m != "sequential"])
-def concurrent_mode(request: pytest.FixtureRequest) -> str:
+def concurrent_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """The modes that run several tasks at once."""
-    return str(request.param)
+    if request.param == "dask":
+        client = request.getfixturevalue("dask_cluster")
+        with client.as_current():
+            yield "dask"
+    else:
+        yield str(request.param)
 
 
 def _children(owned_by: Collection[int] = ()) -> set[int]:
@@ -62,7 +147,11 @@ def _children(owned_by: Collection[int] = ()) -> set[int]:
 
 
 def _threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.is_alive()}
+    return {
+        t
+        for t in threading.enumerate()
+        if t.is_alive() and t not in _SESSION_THREADS and not t.name.startswith(_THREAD_HELPERS)
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +169,8 @@ def nothing_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     deadline = time.monotonic() + 10
     while True:
         threads = _threads() - threads_before
-        children = _children(owned_by=children_before) - children_before
+        owned = children_before | _SESSION_PIDS
+        children = _children(owned_by=owned) - owned
         if not threads and not children:
             return
         if time.monotonic() > deadline:

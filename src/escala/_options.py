@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypedDict, get_args
 
 __all__ = [
+    "ENGINES",
     "MODES",
     "CallOptions",
     "ErrorPolicy",
@@ -20,16 +21,20 @@ __all__ = [
     "WorkerOptions",
 ]
 
-Mode = Literal["auto", "sequential", "threads", "processes", "async"]
+Mode = Literal["auto", "sequential", "threads", "processes", "async", "dask"]
 ErrorPolicy = Literal["raise", "collect"]
 StartMethod = Literal["fork", "forkserver", "spawn"]
 
-#: The execution models (``"auto"`` chooses among them).
-MODES: tuple[str, ...] = get_args(Mode)[1:]
+#: The modes that run on an optional engine's cluster; each needs its extra installed
+#: (``pip install 'escala[dask]'``).
+ENGINES: tuple[str, ...] = ("dask",)
+#: The execution models of this machine, which need nothing beyond escala (``"auto"``
+#: chooses among them, and every behaviour test runs under each). The engines are kept
+#: apart: they may be missing, auto never chooses them, and their tests need a cluster.
+MODES: tuple[str, ...] = tuple(m for m in get_args(Mode)[1:] if m not in ENGINES)
 _MAX_BATCH = (1 << 20) - 1  # a worker's slot encodes a task's position in 20 bits
 _PLANNED = {
     "ray": "mode='ray' is not available yet; choose one of {modes}",
-    "dask": "mode='dask' is not available yet; choose one of {modes}",
 }
 
 
@@ -108,6 +113,12 @@ class Options:
             on Linux and ``"spawn"`` elsewhere.
         window: most tasks pulled from the input and not yet handed back to the caller;
             ``None`` is ``2 × workers × batch``.
+        address: the Dask scheduler to run on (``"tcp://10.0.0.5:8786"``), for
+            ``mode="dask"`` only. ``None`` uses the current Dask client if there is one
+            (``distributed.Client(...)`` made it the default, or ``client.as_current()``),
+            else starts a local cluster of one worker process per usable core and stops it
+            at the end. For dask, ``workers`` is how many tasks escala keeps running on the
+            cluster (default: its worker threads).
     """
 
     mode: Mode | None = None
@@ -121,10 +132,11 @@ class Options:
     initargs: tuple[Any, ...] = ()
     start_method: StartMethod | None = None
     window: int | None = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in ("auto", *MODES):
-            modes = ", ".join(repr(m) for m in ("auto", *MODES))
+        if self.mode is not None and self.mode not in ("auto", *MODES, *ENGINES):
+            modes = ", ".join(repr(m) for m in ("auto", *MODES, *ENGINES))
             hint = _PLANNED.get(str(self.mode), "choose one of {modes}").format(modes=modes)
             raise ValueError(f"unknown mode {self.mode!r}: {hint}")
         _positive_int("workers", self.workers)
@@ -152,6 +164,16 @@ class Options:
                 f"start_method must be 'fork', 'forkserver' or 'spawn', got {self.start_method!r}"
             )
         _positive_int("window", self.window)
+        if self.address is not None:
+            if not isinstance(self.address, str) or not self.address.strip():
+                raise TypeError(
+                    f"address must be a Dask scheduler address such as "
+                    f"'tcp://127.0.0.1:8786', got {self.address!r}"
+                )
+            if self.mode != "dask":
+                raise ValueError(
+                    f"address= names a Dask scheduler: it needs mode='dask', not mode={self.mode!r}"
+                )
 
     @classmethod
     def build(cls, base: Options | None = None, **given: Any) -> Options:
@@ -209,6 +231,7 @@ class WorkerOptions(CallOptions, total=False):
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
     start_method: StartMethod | None
+    address: str | None
 
 
 class RunOptions(WorkerOptions, total=False):

@@ -145,13 +145,38 @@ def dump_exception(exc: BaseException, where: str) -> Failure:
         where=where,
     )
     try:
-        payload = dumps(exc)
+        payload = _dumps_plainly(exc)
         loads(payload)
     except Exception as why:
         failure.message += f" [it could not be sent back as itself: {type(why).__name__}: {why}]"
     else:
         failure.payload = payload
     return failure
+
+
+def _dumps_plainly(exc: BaseException) -> bytes:
+    """Pickle an exception without reducers other libraries registered for every type.
+
+    Importing ``distributed`` installs tblib's reducers for all exception classes, in the
+    caller and (through fork) in its worker processes; they drop attributes that are not in
+    ``args`` (``SystemExit(7).code`` comes back ``None``). The traceback travels as text here.
+    """
+    import copyreg
+    import io
+
+    table = {
+        kind: reducer
+        for kind, reducer in copyreg.dispatch_table.items()
+        if not getattr(reducer, "__module__", "").startswith("tblib")
+    }
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, PROTOCOL)
+    pickler.dispatch_table = table
+    try:
+        pickler.dump(exc)
+    except Exception:
+        return dumps(exc)
+    return buffer.getvalue()
 
 
 def _safe_str(exc: BaseException) -> str:

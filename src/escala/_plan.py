@@ -52,6 +52,8 @@ def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
         workers = min(32, usable_cpus() + 4)
     elif mode == "async":
         workers = ASYNC_LIMIT
+    elif mode == "dask":
+        workers = 0  # the cluster's worker threads: the backend asks the cluster
     else:
         workers = 1
     return Plan(mode, engine, workers)
@@ -64,6 +66,7 @@ def make_backend(plan: Plan, options: Options, **extra: Any) -> Backend:
         initializer=options.initializer,
         initargs=options.initargs,
         start_method=options.start_method,
+        address=options.address,
         **extra,
     )
 

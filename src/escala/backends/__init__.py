@@ -20,6 +20,7 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "threads": ("escala.backends.threads", "ThreadBackend", None),
     "processes": ("escala.backends.processes", "ProcessBackend", None),
     "async": ("escala.backends.asyncio", "AsyncBackend", None),
+    "dask": ("escala.backends.dask", "DaskBackend", "dask"),
 }
 
 
