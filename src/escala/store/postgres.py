@@ -1,0 +1,486 @@
+"""A job store in PostgreSQL, shared by many escala nodes (``pip install escala[postgres]``).
+
+Every operation is one short statement (two at most) on a connection borrowed from a
+pool, in autocommit: no transaction stays open across an await of ours, and the
+server's own group commit (``commit_delay``) batches the fsyncs of concurrent commits.
+Times are epoch seconds from the *database's* clock, so the leases of nodes whose clocks
+disagree still compare fairly::
+
+    node A ──┐  claim_next: WITH next AS (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
+    node B ──┼─>            UPDATE … FROM next RETURNING …
+    node C ──┘  (two nodes never claim the same job; neither waits for the other's rows)
+
+Several nodes share one store, so none may assume that another owner is dead:
+``exclusive`` is ``False`` and ``recover(all_others=True)`` is for single-server use
+only. A node that dies stops heartbeating; its leases expire and any node's ``recover``
+puts its jobs back in the queue.
+
+The schema is versioned in ``escala_schema``; ``open`` migrates it under a transaction-
+level advisory lock, so nodes starting at once apply each migration exactly once. Every
+table name starts with ``escala_``, so the store can share a database with others.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg_pool import AsyncConnectionPool
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "the PostgreSQL job store needs psycopg 3: pip install 'escala[postgres]'"
+    ) from exc
+
+from escala.store import ApiKey, Job, JobState, NewJob, StoreError
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+# Any constant will do, as long as every escala node uses the same one: "escala" in ASCII.
+_MIGRATION_LOCK = 0x657363616C61
+_CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
+
+# _MIGRATIONS[i] takes the schema from version i to version i + 1 (escala_schema.version).
+_MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE escala_jobs (
+            id text PRIMARY KEY, "user" text NOT NULL, task text NOT NULL,
+            args jsonb NOT NULL, kwargs jsonb NOT NULL, priority integer NOT NULL,
+            idempotency_key text, state text NOT NULL, attempts integer NOT NULL,
+            created_at double precision NOT NULL, started_at double precision,
+            finished_at double precision, result jsonb, error jsonb, owner text,
+            lease_until double precision,
+            seq bigint GENERATED ALWAYS AS IDENTITY)""",
+        "CREATE INDEX escala_jobs_state ON escala_jobs (state, created_at)",
+        # what claim_next scans: the queue, best first
+        """CREATE INDEX escala_jobs_next ON escala_jobs (priority DESC, created_at, seq)
+            WHERE state = 'queued'""",
+        """CREATE UNIQUE INDEX escala_jobs_idempotency ON escala_jobs ("user", idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+        """CREATE TABLE escala_api_keys (
+            "user" text PRIMARY KEY, key_hash text NOT NULL, weight double precision NOT NULL,
+            rate double precision, burst integer, created_at double precision NOT NULL)""",
+    ],
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_FIELDS = (
+    "id",
+    '"user"',
+    "task",
+    "args",
+    "kwargs",
+    "priority",
+    "idempotency_key",
+    "state",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "result",
+    "error",
+    "owner",
+    "lease_until",
+)
+_COLUMNS = ", ".join(_FIELDS)
+_NOW = "extract(epoch FROM statement_timestamp())::float8"  # one instant per statement
+_CANCELLED = '{"type":"Cancelled","message":"cancelled by the user"}'
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS escala_schema (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one), version integer NOT NULL)"""
+_GET = f"SELECT {_COLUMNS} FROM escala_jobs WHERE id = %s"
+_SELECT_KEY = f'SELECT {_COLUMNS} FROM escala_jobs WHERE "user" = %s AND idempotency_key = %s'
+_INSERT = (
+    f"INSERT INTO escala_jobs ({_COLUMNS}) VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, "
+    f"'queued', 0, {_NOW}, NULL, NULL, NULL, NULL, NULL, NULL) "
+    """ON CONFLICT ("user", idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING """
+    f"RETURNING {_COLUMNS}"
+)
+_CLAIM = (
+    f"UPDATE escala_jobs SET state = 'running', attempts = attempts + 1, started_at = {_NOW}, "
+    f"owner = %s, lease_until = {_NOW} + %s WHERE id = ANY(%s) AND state = 'queued' "
+    f"RETURNING {_COLUMNS}"
+)
+_CLAIM_NEXT = (
+    "WITH next AS (SELECT id FROM escala_jobs WHERE state = 'queued'{tasks} "
+    "ORDER BY priority DESC, created_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+    f"UPDATE escala_jobs j SET state = 'running', attempts = attempts + 1, "
+    f"started_at = {_NOW}, owner = %s, lease_until = {_NOW} + %s FROM next "
+    f"WHERE j.id = next.id RETURNING {', '.join('j.' + f for f in _FIELDS)}, j.seq"
+)
+_HEARTBEAT = (
+    f"UPDATE escala_jobs SET lease_until = {_NOW} + %s WHERE state = 'running' AND owner = %s"
+)
+_FINISH = (
+    f"UPDATE escala_jobs SET state = %s, finished_at = {_NOW}, result = %s::jsonb, "
+    "error = %s::jsonb, owner = NULL, lease_until = NULL "
+    "WHERE id = %s AND state = 'running' AND owner = %s"
+)
+_CANCEL = (
+    f"UPDATE escala_jobs SET state = 'cancelled', finished_at = {_NOW}, error = %s::jsonb, "
+    """owner = NULL, lease_until = NULL WHERE id = %s AND "user" = %s """
+    f"AND state IN ('queued', 'running') RETURNING {_COLUMNS}"
+)
+_SELECT_OWN = f'SELECT {_COLUMNS} FROM escala_jobs WHERE id = %s AND "user" = %s'
+_REQUEUE = "UPDATE escala_jobs SET state = 'queued', owner = NULL, lease_until = NULL WHERE "
+_RELEASE = _REQUEUE + "owner = %s AND id = ANY(%s) AND state = 'running'"
+_RECOVER = (
+    _REQUEUE + f"state = 'running' AND (lease_until < {_NOW} OR (%s AND owner IS DISTINCT FROM %s))"
+)
+_QUEUED = f"SELECT {_COLUMNS} FROM escala_jobs WHERE state = 'queued' ORDER BY created_at, seq"
+_COUNTS = "SELECT state, count(*) FROM escala_jobs GROUP BY state"
+_ADD_KEY = (
+    'INSERT INTO escala_api_keys ("user", key_hash, weight, rate, burst, created_at) '
+    "VALUES (%s, %s, %s, %s, %s, %s)"
+)
+_REMOVE_KEY = 'DELETE FROM escala_api_keys WHERE "user" = %s'
+_KEYS = (
+    'SELECT "user", key_hash, weight, rate, burst, created_at FROM escala_api_keys ORDER BY "user"'
+)
+
+
+def _dumps(value: Any, what: str) -> str:
+    """Encode a JSON value for JSONB; ``TypeError`` naming the culprit if it is not one."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what} is not a JSON value ({type(value).__name__}: {exc}); "
+            "return or pass only dicts, lists, strings, numbers, booleans and None"
+        ) from exc
+    if "\\u0000" in text:  # JSONB refuses it; say so before anything is sent
+        raise TypeError(f"{what} holds a NUL character (\\u0000), which PostgreSQL cannot store")
+    return text
+
+
+def _job(row: Sequence[Any]) -> Job:
+    """Build a ``Job`` from a row of ``_FIELDS`` (JSONB arrives already decoded)."""
+    values = list(row[: len(_FIELDS)])
+    values[7] = JobState(values[7])
+    return Job(*values)
+
+
+def _where(url: str) -> str:
+    """Say ``host:port`` (or the socket folder) of a connection string, for messages."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "?"
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    return f"{host}:{params.get('port') or 5432}"
+
+
+def _connect_error(url: str, exc: psycopg.Error) -> str:
+    """Say why a connection failed, on one line, with a hint when nothing answered."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    # libpq's own hint ("Is the server running on that host…") would repeat ours
+    why = " ".join(line for line in lines if line and not line.startswith("Is the server"))
+    message = f"cannot connect to PostgreSQL at {_where(url)}: {why}"
+    if exc.sqlstate is None:  # no answer from a server (refused, timed out, unknown host)
+        message += "; is the server running?"
+    return message
+
+
+class PostgresStore:
+    """A ``Store`` in a PostgreSQL database, which many escala nodes may share.
+
+    Args:
+        url: A libpq connection string: ``postgresql://user:password@host:port/dbname``
+            or ``"host=... dbname=..."``. The database must exist; ``open`` creates the
+            tables.
+        pool_size: The most connections this store opens at once.
+    """
+
+    #: Other servers may use the same database: never assume another owner is dead.
+    exclusive = False
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, not {pool_size}")
+        self.url = url
+        self.pool_size = pool_size
+        self._state = "new"  # new -> open -> closed
+        self._pool: AsyncConnectionPool | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema, and open the connection pool.
+
+        Raises:
+            StoreError: The URL is malformed, the server cannot be reached or refuses us,
+                the schema is newer than this escala, or the store was opened already.
+        """
+        if self._state != "new":
+            raise StoreError("PostgreSQL store was already opened")
+        self._state = "open"
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
+        try:
+            params = conninfo_to_dict(self.url)
+        except psycopg.Error as exc:
+            why = str(exc).strip()
+            raise StoreError(
+                f"not a PostgreSQL URL ({why}); expected postgresql://user@host:port/dbname"
+            ) from None
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in params:
+            kwargs["connect_timeout"] = _CONNECT_TIMEOUT
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, **kwargs)
+        except psycopg.Error as exc:
+            raise StoreError(_connect_error(self.url, exc)) from exc
+        async with conn:
+            await self._migrate(conn)
+        pool: AsyncConnectionPool = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs=kwargs,
+            open=False,
+            name="escala-store",
+        )
+        self._pool = pool
+        try:
+            await pool.open(wait=True, timeout=_CONNECT_TIMEOUT + 5)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {_where(self.url)}: {exc}") from exc
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Bring the schema to ``SCHEMA_VERSION``: all migrations or none, one node at a time."""
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute(_SCHEMA)
+                row = await (await conn.execute("SELECT version FROM escala_schema")).fetchone()
+                version = 0 if row is None else int(row[0])
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the PostgreSQL job store at {_where(self.url)} has schema version "
+                        f"{version}, newer than this escala knows ({SCHEMA_VERSION}): "
+                        "upgrade escala to open it"
+                    )
+                for statements in _MIGRATIONS[version:]:
+                    for statement in statements:
+                        await conn.execute(statement)
+                if row is None:
+                    await conn.execute(
+                        "INSERT INTO escala_schema (version) VALUES (%s)", (SCHEMA_VERSION,)
+                    )
+                elif version < SCHEMA_VERSION:
+                    await conn.execute("UPDATE escala_schema SET version = %s", (SCHEMA_VERSION,))
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot prepare the job store at {_where(self.url)}: {str(exc).strip()}"
+            ) from exc
+
+    async def close(self) -> None:
+        """Close every connection. Safe to call twice, and after a failed ``open``."""
+        self._state = "closed"
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow a connection (autocommit); turn database errors into ``StoreError``."""
+        if self._state != "open" or self._pool is None:
+            raise StoreError(
+                "store is closed" if self._state == "closed" else "store is not open yet"
+            )
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL job store: {str(exc).strip()}") from exc
+
+    async def _one(self, query: str, params: Sequence[Any]) -> Any:
+        async with self._conn() as conn:
+            return await (await conn.execute(query, params)).fetchone()
+
+    async def _all(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._conn() as conn:
+            return await (await conn.execute(query, params)).fetchall()
+
+    async def _rowcount(self, query: str, params: Sequence[Any]) -> int:
+        async with self._conn() as conn:
+            return (await conn.execute(query, params)).rowcount
+
+    # -- jobs --------------------------------------------------------------------------
+
+    async def submit(self, job: NewJob) -> tuple[Job, bool]:
+        """Commit a new QUEUED job, or find the one its idempotency key created.
+
+        Returns:
+            The new job and ``True``; or, when the same user already used
+            ``job.idempotency_key``, the job that key created and ``False``.
+
+        Raises:
+            TypeError: ``args`` or ``kwargs`` are not JSON values (nothing is sent).
+            StoreError: The store is closed or the database failed.
+        """
+        args, kwargs = _dumps(list(job.args), "args"), _dumps(dict(job.kwargs), "kwargs")
+        key = job.idempotency_key
+        values = (uuid.uuid4().hex, job.user, job.task, args, kwargs, job.priority, key)
+        async with self._conn() as conn:
+            row = await (await conn.execute(_INSERT, values)).fetchone()
+            if row is not None:
+                return _job(row), True
+            # The key's row is committed (ON CONFLICT waited for it), and rows are never
+            # deleted: this statement's fresh snapshot finds it.
+            found = await (await conn.execute(_SELECT_KEY, (job.user, key))).fetchone()
+        if found is None:  # pragma: no cover - only if someone deletes rows by hand
+            raise StoreError(f"job with idempotency key {key!r} vanished; try again")
+        return _job(found), False
+
+    async def get(self, job_id: str) -> Job | None:
+        """Return the job with that id, or ``None`` when there is none."""
+        row = await self._one(_GET, (job_id,))
+        return None if row is None else _job(row)
+
+    async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
+        """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one statement.
+
+        Returns:
+            The claimed jobs, in the order of ``job_ids``, with ``attempts`` counted.
+        """
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return []
+        claimed = {job.id: job for job in map(_job, await self._all(_CLAIM, (owner, lease, ids)))}
+        return [claimed[i] for i in ids if i in claimed]
+
+    async def claim_next(
+        self, owner: str, n: int, lease: float, tasks: Collection[str] | None = None
+    ) -> list[Job]:
+        """Take up to ``n`` QUEUED jobs, best first, and mark them RUNNING for ``owner``.
+
+        Safe against every other node doing the same at once: rows another claimer has
+        locked are skipped, not waited for, so no job is claimed twice.
+
+        Args:
+            owner: Who will run them.
+            n: The most jobs to take.
+            lease: Seconds until the claim expires unless renewed by ``heartbeat``.
+            tasks: Only jobs of these task names; ``None``: any task.
+
+        Returns:
+            The claimed jobs, by priority (highest first), then oldest first.
+        """
+        if n < 1 or (tasks is not None and not tasks):
+            return []
+        params: tuple[Any, ...]
+        if tasks is None:
+            query, params = _CLAIM_NEXT.format(tasks=""), (n, owner, lease)
+        else:
+            query = _CLAIM_NEXT.format(tasks=" AND task = ANY(%s)")
+            params = (list(tasks), n, owner, lease)
+        rows = await self._all(query, params)
+        rows.sort(key=lambda row: (-row[5], row[9], row[-1]))  # priority, created_at, seq
+        return [_job(row) for row in rows]
+
+    async def heartbeat(self, owner: str, lease: float) -> int:
+        """Extend to ``now + lease`` the lease of every RUNNING job of ``owner``; count them."""
+        return await self._rowcount(_HEARTBEAT, (lease, owner))
+
+    async def finish(
+        self,
+        job_id: str,
+        owner: str,
+        state: JobState,
+        *,
+        result: Any = None,
+        error: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Record the end of a RUNNING job held by ``owner``.
+
+        Returns:
+            ``True``; ``False`` when the job is not RUNNING for ``owner`` (cancelled
+            meanwhile, or its lease was lost), and nothing was written.
+
+        Raises:
+            TypeError: ``result`` is not a JSON value; nothing was written.
+            ValueError: ``state`` is neither SUCCEEDED nor FAILED.
+        """
+        if state not in (JobState.SUCCEEDED, JobState.FAILED):
+            raise ValueError(f"a job finishes as succeeded or failed, not {state.value}")
+        out = None if result is None else _dumps(result, f"the result of job {job_id}")
+        err = None if error is None else _dumps(dict(error), "error")
+        return await self._rowcount(_FINISH, (state.value, out, err, job_id, owner)) == 1
+
+    async def cancel(self, job_id: str, user: str) -> Job | None:
+        """Cancel the user's job if it is QUEUED or RUNNING.
+
+        Returns:
+            The job as it now is (unchanged when already final), or ``None`` when there
+            is no such job or it belongs to another user.
+        """
+        async with self._conn() as conn:
+            row = await (await conn.execute(_CANCEL, (_CANCELLED, job_id, user))).fetchone()
+            if row is None:  # missing, another user's, or already final
+                row = await (await conn.execute(_SELECT_OWN, (job_id, user))).fetchone()
+        return None if row is None else _job(row)
+
+    async def release(self, owner: str, job_ids: Sequence[str]) -> int:
+        """Put RUNNING jobs of ``owner`` back to QUEUED, keeping their ``attempts``."""
+        if not job_ids:
+            return 0
+        return await self._rowcount(_RELEASE, (owner, list(job_ids)))
+
+    async def recover(self, owner: str, *, all_others: bool = False) -> int:
+        """Put back to QUEUED every RUNNING job whose lease has expired (database clock).
+
+        Args:
+            owner: Who recovers: its jobs are kept while their leases hold.
+            all_others: Also take back every RUNNING job of any other owner. Never pass it
+                on a database that several servers share: their jobs would run twice.
+
+        Returns:
+            How many jobs went back to the queue.
+        """
+        return await self._rowcount(_RECOVER, (all_others, owner))
+
+    async def queued(self) -> list[Job]:
+        """Return every QUEUED job, oldest first."""
+        return [_job(row) for row in await self._all(_QUEUED)]
+
+    async def counts(self) -> dict[JobState, int]:
+        """Return how many jobs are in each state; every state is a key."""
+        found = {state: int(count) for state, count in await self._all(_COUNTS)}
+        return {state: found.get(state.value, 0) for state in JobState}
+
+    # -- keys --------------------------------------------------------------------------
+
+    async def add_key(self, key: ApiKey) -> None:
+        """Store a key record.
+
+        Raises:
+            StoreError: The user already has a key (remove it first), or the database
+                failed.
+        """
+        values = (key.user, key.key_hash, key.weight, key.rate, key.burst, key.created_at)
+        try:
+            await self._rowcount(_ADD_KEY, values)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, pg_errors.UniqueViolation):
+                raise StoreError(f"user {key.user!r} already has a key; remove it first") from None
+            raise
+
+    async def remove_key(self, user: str) -> bool:
+        """Delete the user's key record; ``False`` when there was none."""
+        return await self._rowcount(_REMOVE_KEY, (user,)) > 0
+
+    async def keys(self) -> list[ApiKey]:
+        """Return every key record, by user."""
+        return [ApiKey(*row) for row in await self._all(_KEYS)]
