@@ -23,11 +23,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 import escala
 from bench_memory import bench_memory
-from benchlib import Table, abest, best, best_each, machine_line, markdown, secs, show, verdict
+from benchlib import (
+    Table,
+    abest,
+    best,
+    best_each,
+    machine_line,
+    markdown,
+    secs,
+    show,
+    verdict,
+    warn_stray_children,
+)
 
 SLEEP = 0.05  # workload 3: each task blocks this long
 CORES = escala.usable_cpus()
@@ -310,15 +319,7 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "w") as out:
             out.write(markdown(tables, header))
-    stray = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "resource_tracker" not in " ".join(child.cmdline()):
-                stray.append(child.pid)
-        except psutil.Error:
-            pass  # it exited meanwhile
-    if stray:
-        print(f"warning: child processes still running: {stray}")
+    warn_stray_children()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from typing import Any
 import psutil
 
 import escala
-from benchlib import Table, machine_line, markdown, show, verdict
+from benchlib import Table, machine_line, markdown, show, verdict, warn_stray_children
 
 CORES = escala.usable_cpus()
 APP = "escala.service.examples"
@@ -1438,15 +1438,7 @@ def main() -> None:
         Path(args.markdown).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
-    stray = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "resource_tracker" not in " ".join(child.cmdline()):
-                stray.append(child.pid)
-        except psutil.Error:
-            pass
-    if stray:
-        print(f"warning: child processes still running: {stray}")
+    warn_stray_children()
 
 
 if __name__ == "__main__":

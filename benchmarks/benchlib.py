@@ -164,3 +164,18 @@ def markdown(tables: list[Table], header: list[str]) -> str:
     lines += ["### Targets", "", "| target | measured | verdict |", "|---|---:|---|"]
     lines += [f"| {t} | {got} | {v} |" for table in tables for t, got, v in table.targets]
     return "\n".join(lines) + "\n"
+
+
+def warn_stray_children() -> None:
+    """Say so when a benchmark leaves a child process running (the resource tracker aside)."""
+    import psutil
+
+    stray = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                stray.append(child.pid)
+        except psutil.Error:
+            pass  # it exited meanwhile
+    if stray:
+        print(f"warning: child processes still running: {stray}")
