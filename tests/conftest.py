@@ -32,7 +32,9 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 # The local modes, then the optional engines that are installed: dask runs every behaviour
 # test on one real local cluster shared by the session (see ``dask_cluster``).
 HAS_DASK = importlib.util.find_spec("distributed") is not None
-ALL_MODES = list(escala.MODES) + (["dask"] if HAS_DASK else [])
+HAS_RAY = importlib.util.find_spec("ray") is not None
+ALL_MODES = list(escala.MODES) + (["dask"] if HAS_DASK else []) + (["ray"] if HAS_RAY else [])
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Processes that multiprocessing keeps for the life of the interpreter, by design.
 _HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 # Threads that distributed keeps for the life of the interpreter, one of each, shared by
@@ -100,30 +102,73 @@ def dask_cluster() -> Iterator[Any]:
             host.wait()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A local Ray (2 CPUs, on 127.0.0.1, no dashboard, a 200 MiB object store) started
+    once in this process for the whole session; yields its address.
+
+    Ray allows one connection per process, so this is the one ``mode="ray"`` reuses
+    (``ray.is_initialized()``). Its GCS, raylet and helpers are children of this process,
+    and the workers (restarted when a test kills one) the raylet's: all owned by the
+    session, as are the threads Ray's driver keeps.
+    """
+    import ray
+
+    threads = _threads()
+    children = {p.pid for p in psutil.Process().children()}
+    # the workers import the tests' modules by name: the raylet passes its environment on
+    tests = str(pathlib.Path(__file__).parent)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, *sys.path]))
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=200 * 1024 * 1024,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=False,
+        )
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+    _SESSION_PIDS.update({p.pid for p in psutil.Process().children()} - children)
+    _SESSION_THREADS.update(_threads() - threads)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _session_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "dask":
+        client = request.getfixturevalue("dask_cluster")
+        with client.as_current():
+            yield "dask"
+    elif request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+        yield "ray"
+    else:
+        yield str(request.param)
+
+
 @pytest.fixture(params=ALL_MODES)
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each behaviour test runs once per execution model, with the mode as its id.
 
     Under dask the session's cluster is the current Dask client, so ``mode="dask"`` without
-    an address runs there, as it would in a program that made its own client.
+    an address runs there, as it would in a program that made its own client; under ray
+    the session's Ray is this process's connection (``ray.init`` was called).
     """
-    if request.param == "dask":
-        client = request.getfixturevalue("dask_cluster")
-        with client.as_current():
-            yield "dask"
-    else:
-        yield str(request.param)
+    yield from _session_mode(request)
 
 
 @pytest.fixture(params=[m for m in ALL_MODES if m != "sequential"])
 def concurrent_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """The modes that run several tasks at once."""
-    if request.param == "dask":
-        client = request.getfixturevalue("dask_cluster")
-        with client.as_current():
-            yield "dask"
-    else:
-        yield str(request.param)
+    yield from _session_mode(request)
 
 
 def _children(owned_by: Collection[int] = ()) -> set[int]:

@@ -69,7 +69,6 @@ def test_error_tree() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "words"),
     [
-        ({"mode": "ray"}, ValueError, "not available yet"),
         ({"mode": "gpu"}, ValueError, "unknown mode 'gpu'"),
         ({"workers": 0}, ValueError, "workers must be 1 or more"),
         ({"workers": 2.5}, TypeError, "workers must be a positive int"),

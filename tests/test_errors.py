@@ -44,7 +44,7 @@ def test_the_traceback_leads_to_the_failing_line(mode: str) -> None:
     """In-process modes keep the real traceback; processes mode brings it back as text."""
     with pytest.raises(Boom) as info:
         escala.map(explode_on_three, range(10), mode=mode)
-    if mode in ("processes", "dask"):
+    if mode in ("processes", "dask", "ray"):
         assert isinstance(info.value.__cause__, escala.RemoteTraceback)
         assert "in explode_on_three" in info.value.__cause__.tb
     else:

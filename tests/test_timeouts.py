@@ -76,7 +76,7 @@ def test_a_runaway_task_times_out_and_the_rest_complete(
     assert isinstance(error, TimeoutError)
     assert error.timeout == timeout
     assert error.index == RUNAWAY
-    assert error.stopped is (mode in ("processes", "async", "dask"))
+    assert error.stopped is (mode in ("processes", "async", "dask", "ray"))
     assert f"#{RUNAWAY}" in str(error)
 
 

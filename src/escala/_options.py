@@ -21,21 +21,19 @@ __all__ = [
     "WorkerOptions",
 ]
 
-Mode = Literal["auto", "sequential", "threads", "processes", "async", "dask"]
+Mode = Literal["auto", "sequential", "threads", "processes", "async", "dask", "ray"]
 ErrorPolicy = Literal["raise", "collect"]
 StartMethod = Literal["fork", "forkserver", "spawn"]
 
 #: The modes that run on an optional engine's cluster; each needs its extra installed
-#: (``pip install 'escala[dask]'``).
-ENGINES: tuple[str, ...] = ("dask",)
+#: (``pip install 'escala[dask]'``, ``'escala[ray]'``).
+ENGINES: tuple[str, ...] = ("dask", "ray")
 #: The execution models of this machine, which need nothing beyond escala (``"auto"``
 #: chooses among them, and every behaviour test runs under each). The engines are kept
 #: apart: they may be missing, auto never chooses them, and their tests need a cluster.
 MODES: tuple[str, ...] = tuple(m for m in get_args(Mode)[1:] if m not in ENGINES)
 _MAX_BATCH = (1 << 20) - 1  # a worker's slot encodes a task's position in 20 bits
-_PLANNED = {
-    "ray": "mode='ray' is not available yet; choose one of {modes}",
-}
+_PLANNED: dict[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +116,10 @@ class Options:
             (``distributed.Client(...)`` made it the default, or ``client.as_current()``),
             else starts a local cluster of one worker process per usable core and stops it
             at the end. For dask, ``workers`` is how many tasks escala keeps running on the
-            cluster (default: its worker threads).
+            cluster (default: its worker threads). For ``mode="ray"``, the Ray cluster
+            to connect to (``"10.0.0.5:6379"``, ``"auto"``); ``None`` runs on this
+            process's Ray connection if ``ray.init`` was called, else starts a local Ray
+            with one CPU per usable core and shuts it down at the end.
     """
 
     mode: Mode | None = None
@@ -168,11 +169,13 @@ class Options:
             if not isinstance(self.address, str) or not self.address.strip():
                 raise TypeError(
                     f"address must be a Dask scheduler address such as "
-                    f"'tcp://127.0.0.1:8786', got {self.address!r}"
+                    f"'tcp://127.0.0.1:8786' or a Ray cluster address such as "
+                    f"'127.0.0.1:6379', got {self.address!r}"
                 )
-            if self.mode != "dask":
+            if self.mode not in ENGINES:
                 raise ValueError(
-                    f"address= names a Dask scheduler: it needs mode='dask', not mode={self.mode!r}"
+                    "address= names a cluster: it needs mode='dask' or mode='ray', "
+                    f"not mode={self.mode!r}"
                 )
 
     @classmethod

@@ -52,8 +52,8 @@ def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
         workers = min(32, usable_cpus() + 4)
     elif mode == "async":
         workers = ASYNC_LIMIT
-    elif mode == "dask":
-        workers = 0  # the cluster's worker threads: the backend asks the cluster
+    elif mode in ("dask", "ray"):
+        workers = 0  # the cluster's worker threads (or CPUs): the backend asks the cluster
     else:
         workers = 1
     return Plan(mode, engine, workers)

@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "processes": ("escala.backends.processes", "ProcessBackend", None),
     "async": ("escala.backends.asyncio", "AsyncBackend", None),
     "dask": ("escala.backends.dask", "DaskBackend", "dask"),
+    "ray": ("escala.backends.ray", "RayBackend", "ray"),
 }
 
 

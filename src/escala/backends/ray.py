@@ -1,0 +1,584 @@
+"""Ray mode: batches run as tasks on a Ray cluster.
+
+One escala batch is one Ray task, which runs escala's own batch runner in a Ray worker
+process, so batching and per-task error capture are those of processes mode. The function
+(with whatever it carries: a ``functools.partial``'s large argument, a closure's data) is
+cloudpickled once per run and put in Ray's object store (``ray.put``); every task refers
+to it by its object reference::
+
+    caller threads                     Ray (its core worker)                  Ray workers
+    ──────────────                     ─────────────────────                  ───────────
+    submit(batch):
+      function: cloudpickle, ray.put once ───────────────────────────────▶ object store
+      items: pickle (errors name the item)
+      _run_batch.remote(fn_ref, items) ──────────────────────────────────▶ run_batch
+    collector thread ("escala-ray-collector") ◀── ref.future() done ◀──── result bytes
+      sink(Done); past a timed task's deadline: ray.cancel(ref, force=True)
+
+The engine above bounds what is in flight (the window); here at most one task per CPU of
+the cluster (or ``workers``, if fewer) is handed to Ray at once, and the rest wait in a
+queue, so a task handed over starts at once on a free worker.
+
+A task past its timeout is stopped with ``ray.cancel(ref, force=True)``, which kills the
+Ray worker process running it (``stopped=True``); Ray starts another for the next task
+(the next task pays that start, about a second). The timeout counts from the moment escala
+hands the task to Ray: on a cluster that other jobs keep busy, time spent waiting for a
+CPU counts against it.
+
+A task that kills its worker (``os._exit``, a segfault, the OOM killer) is not run again
+by Ray (``max_retries=0``): a single task becomes :class:`~escala.WorkerDied`
+(``ray.exceptions.WorkerCrashedError``), a batch is run again one task at a time to find
+the culprit. Escala's ``retries`` decide whether it runs again. An application error is
+caught inside the worker and comes back with its traceback, as in processes mode.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from .._calls import WorkerContext
+from .._cpu import usable_cpus
+from .._errors import (
+    BrokenWorker,
+    EscalaError,
+    PoolClosed,
+    RemoteTraceback,
+    SendError,
+    TaskTimeout,
+    WorkerDied,
+)
+from .._pickling import dump_exception, dump_function, dump_values, dumps, loads
+from .base import Apply, Batch, Call, Done, Failure, Sink
+
+__all__ = ["RayBackend"]
+
+#: Distinct functions kept in the object store before the oldest are released.
+FUNCTION_CACHE = 256
+#: Worker contexts (initializer state, event loop) a Ray worker keeps before closing the
+#: oldest: Ray workers outlive a run on a cluster escala did not start.
+CONTEXT_CACHE = 16
+
+# the worker died, or its node did: nothing the function raised
+_DIED = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.LocalRayletDiedError,
+)
+# the task's inputs or result were lost with a node: run it again
+_LOST = (ray.exceptions.ObjectLostError, ray.exceptions.TaskCancelledError)
+
+
+# The Ray connection that escala made in this process (a local Ray it started, or an
+# address it connected to), shared by every backend that runs while it is up (Ray allows
+# one per process) and shut down when the last of them is done. A ray.init of the caller's
+# own is used and never shut down.
+_local_lock = threading.Lock()
+_local_users = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    """One escala batch and what its Ray tasks have reported so far."""
+
+    batch: Batch
+    sink: Sink
+    values: list[Any]
+    failures: dict[int, Failure] = field(default_factory=dict)
+    lost: list[int] = field(default_factory=list)
+    busy: float = 0.0
+    split: bool = False
+    left: int = 0
+
+
+@dataclass(eq=False)
+class _Piece:
+    """One Ray task: a whole batch, or (with a timeout) one task of it."""
+
+    job: _Job
+    start: int  # first position in the batch
+    count: int
+    args: tuple[Any, ...] = ()
+    ref: Any = None
+    started: float | None = None  # when it was handed to Ray
+
+
+class RayBackend:
+    """Run batches as tasks on a Ray cluster.
+
+    Args:
+        workers: tasks to keep running at once; ``0`` means the cluster's CPUs.
+        address: the cluster's address (``"10.0.0.5:6379"``, ``"auto"``). ``None`` uses
+            this process's Ray connection if ``ray.init`` was called, else starts a local
+            cluster with one CPU per usable core, shut down again at shutdown.
+        initializer: run once in each Ray worker process before its first task of this run.
+        initargs: its arguments.
+    """
+
+    batches_pay = True  # a Ray task costs about a millisecond: batch small tasks
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        address: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        **_: Any,
+    ) -> None:
+        self._token = uuid.uuid4().hex
+        self._init = dump_function((initializer, initargs)) if initializer else None
+        self._local = False  # this backend uses a Ray connection that escala made
+        if ray.is_initialized() and not (address is None or address == "auto"):
+            current = ray.get_runtime_context().gcs_address
+            if address.removeprefix("ray://") != current:
+                raise EscalaError(
+                    f"this process is already connected to the Ray cluster at {current!r}"
+                    f" and Ray allows one per process: address={address!r} cannot be "
+                    "reached from here. Leave address out to run on the current one."
+                )
+        elif address is not None:
+            try:
+                self._local = _acquire(
+                    address=address, configure_logging=False, log_to_driver=False
+                )
+            except (ConnectionError, OSError, ValueError) as exc:
+                raise EscalaError(
+                    f"could not reach the Ray cluster at {address!r}: {exc}. Start one "
+                    "(ray start --head), check the address, or leave address out to start "
+                    "a local cluster."
+                ) from exc
+        # a backend dropped before shutdown (an imap never iterated) lets its connection go
+        self._finalizer = weakref.finalize(self, _release) if self._local else None
+        if workers:
+            self.workers = workers
+        elif ray.is_initialized():
+            self.workers = _cpus()
+        else:
+            self.workers = usable_cpus()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pieces: dict[int, _Piece] = {}  # handed to Ray, by id
+        self._queue: deque[_Piece] = deque()  # waiting for a free CPU
+        # completions for the collector; () wakes it for a new deadline, None stops it
+        self._done: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._reporting = 0  # pieces done whose sink has not yet been called
+        self._slots = self.workers
+        self._shipped: dict[int, tuple[Callable[..., Any], Any]] = {}
+        self._init_ref: Any = None
+        self._cancelled: dict[int, Sink] = {}
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._collector: threading.Thread | None = None
+        self._remote: Any = None
+
+    # -- caller side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._local and _acquire(
+            num_cpus=self.workers,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        ):
+            self._local = True
+            self._finalizer = weakref.finalize(self, _release)
+        self._remote = ray.remote(max_retries=0, retry_exceptions=False)(_run_batch)
+        # as many tasks at once as asked for (``workers``), never more than there are CPUs
+        self._slots = max(1, min(self.workers, _cpus()))
+        if self._init is not None:
+            self._init_ref = ray.put(self._init)
+        self._collector = threading.Thread(
+            target=self._collect, name="escala-ray-collector", daemon=True
+        )
+        self._collector.start()
+
+    def submit(self, batch: Batch, sink: Sink) -> None:
+        if self._closed:
+            raise PoolClosed("this pool is shut down; create a new one")
+        size = len(batch.items)
+        if self._broken is not None:
+            _fail_all(batch, sink, self._broken)
+            return
+        fn_ref = self._ship(batch.call.fn)
+        items, bad = dump_values(batch.items, "argument", lambda pos: f"task #{batch.indices[pos]}")
+        if bad:
+            lost = [pos for pos in range(size) if pos not in bad]
+            sink(Done(batch, [None] * size, bad, lost))
+            return
+        job = _Job(batch, sink, [None] * size)
+        if batch.timeout is None:
+            pieces = [(0, size, items)]
+        else:
+            pieces = [(pos, 1, dumps([item])) for pos, item in enumerate(batch.items)]
+        job.left = len(pieces)
+        with self._lock:
+            for start, count, data in pieces:
+                indices = list(batch.indices[start : start + count])
+                args = (fn_ref, self._init_ref, self._token, int(batch.call.apply), indices, data)
+                self._queue.append(_Piece(job, start, count, args))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued pieces to Ray while a CPU is free: a task handed over starts at once,
+        so its timeout counts its run, and the engine's window bounds what waits here."""
+        while True:
+            with self._lock:
+                if len(self._pieces) >= self._slots or not self._queue:
+                    return
+                piece = self._queue.popleft()
+                self._pieces[id(piece)] = piece
+                piece.started = time.monotonic()
+                piece.ref = self._remote.remote(*piece.args)
+                piece.args = ()
+            if piece.job.batch.timeout is not None:
+                self._done.put(())  # a new deadline for the collector
+            piece.ref.future().add_done_callback(lambda f, p=piece: self._done.put((p, f)))
+
+    def _ship(self, fn: Callable[..., Any]) -> Any:
+        """Return the function's object reference: cloudpickled and put once."""
+        with self._lock:
+            known = self._shipped.get(id(fn))
+            if known is not None and known[0] is fn:
+                return known[1]
+        ref = ray.put(dump_function(fn))
+        with self._lock:
+            if len(self._shipped) >= FUNCTION_CACHE:
+                self._shipped.clear()  # freed once no task refers to them
+            self._shipped[id(fn)] = (fn, ref)
+        return ref
+
+    def cancel(self, sink: Sink) -> None:
+        # queued pieces are dropped; running ones finish unreported (a Ray task cannot be
+        # interrupted without killing its worker, which shutdown(cancel=True) does)
+        with self._lock:
+            self._cancelled[id(sink)] = sink
+            kept = [p for p in self._queue if p.job.sink is not sink]
+            self._queue.clear()
+            self._queue.extend(kept)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        with self._lock:
+            if self._closed and not cancel:
+                return
+            self._closed = True
+            self._changed.notify_all()
+            pieces = list(self._pieces.values())
+            if cancel:
+                self._pieces.clear()
+                self._queue.clear()
+            else:
+                self._changed.wait_for(lambda: not (self._pieces or self._queue or self._reporting))
+        if cancel and not (self._local and _local_users == 1):  # else ray.shutdown does it
+            for piece in pieces:
+                try:
+                    ray.cancel(piece.ref, force=True)
+                except Exception:  # finished meanwhile, or the cluster is gone
+                    pass
+        if self._collector is not None and self._collector is not threading.current_thread():
+            self._done.put(None)
+            self._collector.join()
+            self._collector = None
+        self._shipped.clear()
+        self._init_ref = None
+        if self._finalizer is not None:
+            self._finalizer()  # once: shuts Ray down if this was its last user
+            self._local = False
+
+    # -- completions and deadlines (on the collector thread) ---------------------------
+
+    def _collect(self) -> None:
+        while True:
+            with self._lock:
+                wake = self._next_deadline()
+            try:
+                got = self._done.get(timeout=None if wake is None else max(0.0, wake))
+            except queue.Empty:
+                pass
+            else:
+                if got is None:
+                    return
+                if got:
+                    self._piece_done(*got)
+            self._enforce()
+
+    def _next_deadline(self) -> float | None:
+        now = time.monotonic()
+        wake: float | None = None
+        for piece in self._pieces.values():
+            timeout = piece.job.batch.timeout
+            if timeout is None or piece.started is None:
+                continue
+            due = piece.started + timeout - now
+            wake = due if wake is None else min(wake, due)
+        return wake
+
+    def _enforce(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                p
+                for p in self._pieces.values()
+                if p.job.batch.timeout is not None
+                and p.started is not None
+                and p.started + p.job.batch.timeout <= now
+            ]
+            for piece in late:
+                del self._pieces[id(piece)]
+        for piece in late:
+            self._stop(piece)
+        if late:
+            self._pump()
+
+    def _piece_done(self, piece: _Piece, future: Any) -> None:
+        with self._lock:
+            if self._pieces.pop(id(piece), None) is None:
+                return  # timed out, or cancelled by shutdown: reported or unwanted
+            self._reporting += 1
+            unwanted = id(piece.job.sink) in self._cancelled
+        try:
+            self._pump()
+            if not unwanted:
+                self._report(piece, future)
+        finally:
+            with self._lock:
+                self._reporting -= 1
+                self._changed.notify_all()
+
+    def _report(self, piece: _Piece, future: Any) -> None:
+        try:
+            result = future.result()
+        except _DIED as exc:
+            self._killed(piece, exc)
+            return
+        except _LOST:
+            self._lose(piece)
+            return
+        except Exception as exc:
+            error = EscalaError(
+                f"the Ray cluster could not run {_names(piece)}: {type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            self._fill(piece, error)
+            return
+        kind = result[0]
+        if kind == "init":
+            failure: Failure = result[1]
+            broken = BrokenWorker(
+                f"the initializer failed in a Ray worker: {failure.type_name}: {failure.message}"
+            )
+            broken.__cause__ = RemoteTraceback(failure.traceback)
+            self._broken = broken
+            self._fill(piece, broken)
+        elif kind == "load":
+            self._unloadable(piece, result[1], "could not be loaded in the Ray worker")
+        else:
+            _, values_bytes, failures, busy = result
+            try:
+                values = loads(values_bytes)
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}"
+                failure = Failure(type_name=type(exc).__name__, message=str(exc), traceback=text)
+                self._unloadable(piece, failure, "could not be rebuilt in the caller", True)
+                return
+            job = piece.job
+            job.values[piece.start : piece.start + piece.count] = values
+            for pos, fail in (failures or {}).items():
+                job.failures[piece.start + pos] = fail
+            job.busy += busy
+            self._finish(piece)
+
+    def _finish(self, piece: _Piece) -> None:
+        job = piece.job
+        with self._lock:
+            job.left -= 1
+            if job.left:
+                return
+        if job.split:
+            # the culprit is looked for alone: report none of the batch as done
+            size = len(job.batch.items)
+            job.sink(Done(job.batch, [None] * size, lost=list(range(size)), split=True))
+            return
+        busy = 0.0 if job.lost or job.batch.timeout is not None else job.busy
+        job.sink(Done(job.batch, job.values, job.failures or None, sorted(job.lost), busy))
+
+    def _fill(self, piece: _Piece, error: BaseException) -> None:
+        for pos in range(piece.start, piece.start + piece.count):
+            piece.job.failures[pos] = Failure(error=error)
+        self._finish(piece)
+
+    def _lose(self, piece: _Piece) -> None:
+        piece.job.lost.extend(range(piece.start, piece.start + piece.count))
+        with self._lock:  # the function's stored copy may be what was lost
+            self._shipped.pop(id(piece.job.batch.call.fn), None)
+        self._finish(piece)
+
+    def _unloadable(self, piece: _Piece, failure: Failure, why: str, result: bool = False) -> None:
+        if piece.count > 1:
+            piece.job.split = True
+            self._finish(piece)
+            return
+        index = piece.job.batch.indices[piece.start]
+        what = "result" if result else "argument (or function)"
+        error = SendError(
+            f"the {what} of task #{index} {why}: {failure.type_name}: {failure.message}. "
+            "Everything a task takes and returns must be importable by the same name in the "
+            "Ray workers and in the caller.",
+            index=index,
+        )
+        error.__cause__ = RemoteTraceback(failure.traceback)
+        self._fill(piece, error)
+
+    def _killed(self, piece: _Piece, exc: BaseException) -> None:
+        """The Ray worker running a piece died: blame its task, or find the culprit."""
+        if piece.count > 1:
+            piece.job.split = True
+            self._finish(piece)
+            return
+        index = piece.job.batch.indices[piece.start]
+        error = WorkerDied(
+            f"the Ray worker running task #{index} died ({type(exc).__name__}); Ray does not "
+            "say how a worker ended: its raylet's log does. SIGKILL usually means the "
+            "kernel's out-of-memory killer stopped it; check memory use, or run fewer tasks "
+            "per node",
+            index=index,
+            exitcode=None,
+            pid=0,
+        )
+        error.__cause__ = exc
+        self._fill(piece, error)
+
+    def _stop(self, piece: _Piece) -> None:
+        """Kill the Ray worker process running an overrunning task."""
+        timeout = piece.job.batch.timeout
+        assert timeout is not None
+        index = piece.job.batch.indices[piece.start]
+        try:
+            ray.cancel(piece.ref, force=True, recursive=False)
+        except Exception as exc:
+            message = (
+                f"task #{index} ran past its {timeout:g}s timeout and could not be stopped "
+                f"({type(exc).__name__}: {exc}), so escala stopped waiting instead: the task "
+                "goes on in its Ray worker until the function returns"
+            )
+            stopped = False
+        else:
+            message = (
+                f"task #{index} ran past its {timeout:g}s timeout; its Ray worker was killed "
+                "(ray.cancel(force=True)) and Ray starts another"
+            )
+            stopped = True
+        self._fill(piece, TaskTimeout(message, index=index, timeout=timeout, stopped=stopped))
+
+
+def _acquire(**init: Any) -> bool:
+    """Use the Ray connection escala made, or make one (``ray.init(**init)``); return
+    False where the caller's own ``ray.init`` connection is to be used instead."""
+    global _local_users
+    with _local_lock:
+        if _local_users:
+            _local_users += 1
+            return True
+        if ray.is_initialized():
+            return False
+        ray.init(**init)
+        _local_users = 1
+        return True
+
+
+def _release() -> None:
+    """One user of escala's Ray connection is done: the last one shuts it down."""
+    global _local_users
+    with _local_lock:
+        _local_users -= 1
+        if not _local_users:
+            ray.shutdown()
+
+
+def _cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _names(piece: _Piece) -> str:
+    indices = piece.job.batch.indices[piece.start : piece.start + piece.count]
+    names = [f"#{i}" for i in indices[:2]]
+    more = len(indices) - len(names)
+    return "task " + ", ".join(names) + (f" and {more} more" if more else "")
+
+
+def _fail_all(batch: Batch, sink: Sink, error: BaseException) -> None:
+    failure = Failure(error=error)
+    sink(Done(batch, [None] * len(batch.items), dict.fromkeys(range(len(batch.items)), failure)))
+
+
+# -- inside a Ray worker --------------------------------------------------------------
+
+_functions: dict[bytes, Callable[..., Any]] = {}
+_contexts: dict[tuple[str, int], WorkerContext] = {}
+_worker_lock = threading.Lock()
+
+
+def _run_batch(
+    fn_bytes: bytes,
+    init: bytes | None,
+    token: str,
+    apply: int,
+    indices: list[int],
+    items_bytes: bytes,
+) -> tuple[Any, ...]:
+    """Run one batch in a Ray worker; return what :meth:`RayBackend._report` reads.
+    Nothing the task raises escapes: failures travel back in the result."""
+    where = f"Ray worker (pid {os.getpid()})"
+    ctx_key = (token, threading.get_ident())
+    ctx = _contexts.get(ctx_key)
+    if ctx is None:
+        try:
+            if init is not None:
+                initializer, initargs = loads(init)
+                ctx = WorkerContext(initializer, initargs)
+            else:
+                ctx = WorkerContext()
+            ctx.enter()
+            ctx.initialize()
+        except Exception as exc:
+            return ("init", dump_exception(exc, where))
+        with _worker_lock:
+            while len(_contexts) >= CONTEXT_CACHE:  # runs long finished, on a shared cluster
+                old = _contexts.pop(next(iter(_contexts)))
+                try:
+                    old.close()
+                except Exception:
+                    pass
+            _contexts[ctx_key] = ctx
+    ctx.enter()
+    try:
+        fn = _functions.get(fn_bytes)
+        if fn is None:
+            fn = loads(fn_bytes)
+            with _worker_lock:
+                if len(_functions) >= FUNCTION_CACHE:
+                    _functions.clear()
+                _functions[fn_bytes] = fn
+        items = loads(items_bytes)
+    except BaseException as exc:
+        return ("load", dump_exception(exc, where))
+    batch = Batch(Call(fn, Apply(apply)), indices, items)
+    values, errors, busy = ctx.run_batch(batch)
+    failures = {pos: dump_exception(exc, where) for pos, exc in errors.items()} if errors else None
+    values_bytes, bad = dump_values(values, "result", lambda pos: f"task #{indices[pos]}")
+    if bad:
+        failures = {**(failures or {}), **bad}
+    return ("ok", values_bytes, failures, busy)
