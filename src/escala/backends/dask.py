@@ -45,34 +45,23 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import dask
 import distributed
 
-from .._calls import WorkerContext
 from .._cpu import usable_cpus
-from .._errors import (
-    BrokenWorker,
-    EscalaError,
-    PoolClosed,
-    RemoteTraceback,
-    SendError,
-    TaskTimeout,
-    WorkerDied,
-)
-from .._pickling import dump_exception, dump_function, dump_values, dumps, loads
-from .base import Apply, Batch, Call, Done, Failure, Sink
+from .._errors import EscalaError, TaskTimeout, WorkerDied
+from .._pickling import dump_exception, dump_function, dumps, loads
+from ._remote import Piece, RemoteBackend, WorkerState
+from .base import Batch, Failure, Sink
 
 __all__ = ["DaskBackend"]
 
-#: Distinct functions kept scattered before the oldest are released.
-FUNCTION_CACHE = 256
 #: Times Dask may run a task again after its worker died, on the clusters escala starts.
 ALLOWED_FAILURES = 1
 #: Seconds to wait for the scheduler when connecting to an address.
@@ -82,26 +71,9 @@ _keys = itertools.count(1)
 
 
 @dataclass(eq=False)
-class _Job:
-    """One escala batch and what its Dask tasks have reported so far."""
-
-    batch: Batch
-    sink: Sink
-    values: list[Any]
-    failures: dict[int, Failure] = field(default_factory=dict)
-    lost: list[int] = field(default_factory=list)
-    busy: float = 0.0
-    split: bool = False
-    left: int = 0
-
-
-@dataclass(eq=False)
-class _Piece:
+class _Piece(Piece):
     """One Dask task: a whole batch, or (with a timeout) one task of it."""
 
-    job: _Job
-    start: int  # first position in the batch
-    count: int
     key: str
     args: tuple[Any, ...] = ()
     future: Any = None
@@ -109,7 +81,7 @@ class _Piece:
     worker: str | None = None
 
 
-class DaskBackend:
+class DaskBackend(RemoteBackend):
     """Run batches as tasks on a Dask distributed cluster.
 
     Args:
@@ -122,6 +94,7 @@ class DaskBackend:
     """
 
     batches_pay = True  # a Dask task costs about a millisecond: batch small tasks
+    engine = "Dask"
 
     def __init__(
         self,
@@ -160,25 +133,16 @@ class DaskBackend:
             if current is not None and current.status == "running":
                 self._client = current
         if workers:
-            self.workers = workers
+            self._setup(workers)
         elif self._client is not None:
-            self.workers = max(1, _threads(self._client))
+            self._setup(max(1, _threads(self._client)))
         else:
-            self.workers = usable_cpus()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+            self._setup(usable_cpus())
         self._pieces: dict[str, _Piece] = {}  # handed to Dask
-        self._queue: deque[_Piece] = deque()  # waiting for a free worker thread
-        self._reporting = 0  # pieces done whose sink has not yet been called
-        self._slots = self.workers
         self._placement: list[str] | None = None  # the workers preferred, if not all
-        self._shipped: dict[int, tuple[Callable[..., Any], Any]] = {}
         self._init_future: Any = None
-        self._cancelled: dict[int, Sink] = {}
         self._pids: dict[str, int] = {}
         self._nannies: dict[str, bool] = {}
-        self._closed = False
-        self._broken: BaseException | None = None
         self._watchdog: threading.Thread | None = None
         self._subscribed = False
 
@@ -229,19 +193,11 @@ class DaskBackend:
             self._nannies[address] = bool(info.get("nanny"))
 
     def submit(self, batch: Batch, sink: Sink) -> None:
-        if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+        accepted = self._accept(batch, sink)
+        if accepted is None:
+            return
+        job, fn_future, items = accepted
         size = len(batch.items)
-        if self._broken is not None:
-            _fail_all(batch, sink, self._broken)
-            return
-        fn_future = self._ship(batch.call.fn)
-        items, bad = dump_values(batch.items, "argument", lambda pos: f"task #{batch.indices[pos]}")
-        if bad:
-            lost = [pos for pos in range(size) if pos not in bad]
-            sink(Done(batch, [None] * size, bad, lost))
-            return
-        job = _Job(batch, sink, [None] * size)
         if batch.timeout is None:
             pieces = [(0, size, items)]
             topic = None
@@ -284,26 +240,13 @@ class DaskBackend:
             piece.args = ()
             piece.future.add_done_callback(partial(self._piece_done, piece))
 
-    def _ship(self, fn: Callable[..., Any]) -> Any:
-        """Return the scattered, cloudpickled function: sent once, whatever it carries."""
-        with self._lock:
-            known = self._shipped.get(id(fn))
-            if known is not None and known[0] is fn:
-                return known[1]
-        data = dump_function(fn)
-        future = self._client.scatter(data, broadcast=True, hash=False)
-        with self._lock:
-            if len(self._shipped) >= FUNCTION_CACHE:
-                self._shipped.clear()  # released once no task refers to them
-            self._shipped[id(fn)] = (fn, future)
-        return future
+    def _store(self, data: bytes) -> Any:
+        """Scatter a cloudpickled function to every worker; return its future."""
+        return self._client.scatter(data, broadcast=True, hash=False)
 
     def cancel(self, sink: Sink) -> None:
         with self._lock:
-            self._cancelled[id(sink)] = sink
-            kept = [p for p in self._queue if p.job.sink is not sink]
-            self._queue.clear()
-            self._queue.extend(kept)
+            self._drop_queued(sink)
             futures = [p.future for p in self._pieces.values() if p.job.sink is sink]
         if futures:
             self._client.cancel([f for f in futures if f is not None])
@@ -353,19 +296,8 @@ class DaskBackend:
 
     # -- completions (on Dask's callback thread) ---------------------------------------
 
-    def _piece_done(self, piece: _Piece, future: Any) -> None:
-        with self._lock:
-            if self._pieces.pop(piece.key, None) is None:
-                return  # timed out, or cancelled by shutdown: reported or unwanted
-            self._reporting += 1
-            unwanted = id(piece.job.sink) in self._cancelled
-        try:
-            self._pump()
-            self._report(piece, future, unwanted)
-        finally:
-            with self._lock:
-                self._reporting -= 1
-                self._changed.notify_all()
+    def _key(self, piece: _Piece) -> str:
+        return piece.key  # as the start events name it
 
     def _report(self, piece: _Piece, future: Any, unwanted: bool) -> None:
         if unwanted or future.status == "cancelled":
@@ -382,86 +314,16 @@ class DaskBackend:
                 self._lose(piece)
             return
         except Exception as exc:
-            error = EscalaError(
-                f"the Dask cluster could not run {_names(piece)}: {type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
-            self._fill(piece, error)
+            self._failed(piece, exc)
             return
-        kind = result[0]
-        if kind == "init":
-            failure: Failure = result[1]
-            broken = BrokenWorker(
-                f"the initializer failed in a Dask worker: {failure.type_name}: {failure.message}"
-            )
-            broken.__cause__ = RemoteTraceback(failure.traceback)
-            self._broken = broken
-            self._fill(piece, broken)
-        elif kind == "load":
-            self._unloadable(piece, result[1], "could not be loaded in the Dask worker")
-        else:
-            _, values_bytes, failures, busy, address, pid = result
+        if result[0] == "ok":
+            address, pid = result[4:6]
             self._pids[address] = pid
-            try:
-                values = loads(values_bytes)
-            except Exception as exc:
-                text = f"{type(exc).__name__}: {exc}"
-                failure = Failure(type_name=type(exc).__name__, message=str(exc), traceback=text)
-                self._unloadable(piece, failure, "could not be rebuilt in the caller", True)
-                return
-            job = piece.job
-            job.values[piece.start : piece.start + piece.count] = values
-            for pos, fail in (failures or {}).items():
-                job.failures[piece.start + pos] = fail
-            job.busy += busy
-            self._finish(piece)
-
-    def _finish(self, piece: _Piece) -> None:
-        job = piece.job
-        with self._lock:
-            job.left -= 1
-            if job.left:
-                return
-        if job.split:
-            # the culprit is looked for alone: report none of the batch as done
-            size = len(job.batch.items)
-            job.sink(Done(job.batch, [None] * size, lost=list(range(size)), split=True))
-            return
-        busy = 0.0 if job.lost or job.batch.timeout is not None else job.busy
-        job.sink(Done(job.batch, job.values, job.failures or None, sorted(job.lost), busy))
-
-    def _fill(self, piece: _Piece, error: BaseException) -> None:
-        for pos in range(piece.start, piece.start + piece.count):
-            piece.job.failures[pos] = Failure(error=error)
-        self._finish(piece)
-
-    def _lose(self, piece: _Piece) -> None:
-        piece.job.lost.extend(range(piece.start, piece.start + piece.count))
-        with self._lock:  # the function's scattered copy may be what was lost
-            self._shipped.pop(id(piece.job.batch.call.fn), None)
-        self._finish(piece)
-
-    def _unloadable(self, piece: _Piece, failure: Failure, why: str, result: bool = False) -> None:
-        if piece.count > 1:
-            piece.job.split = True
-            self._finish(piece)
-            return
-        index = piece.job.batch.indices[piece.start]
-        what = "result" if result else "argument (or function)"
-        error = SendError(
-            f"the {what} of task #{index} {why}: {failure.type_name}: {failure.message}. "
-            "Everything a task takes and returns must be importable by the same name in the "
-            "Dask workers and in the caller.",
-            index=index,
-        )
-        error.__cause__ = RemoteTraceback(failure.traceback)
-        self._fill(piece, error)
+        self._decode(piece, result)
 
     def _killed(self, piece: _Piece, exc: BaseException) -> None:
         """Dask gave up on a task whose workers kept dying: blame it, or find the culprit."""
-        if piece.count > 1:
-            piece.job.split = True
-            self._finish(piece)
+        if self._split(piece):
             return
         last = getattr(getattr(exc, "last_worker", None), "address", None) or "?"
         tries = int(getattr(exc, "allowed_failures", 0)) + 1
@@ -570,23 +432,9 @@ def _threads(client: Any) -> int:
     return sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
 
 
-def _names(piece: _Piece) -> str:
-    indices = piece.job.batch.indices[piece.start : piece.start + piece.count]
-    names = [f"#{i}" for i in indices[:2]]
-    more = len(indices) - len(names)
-    return "task " + ", ".join(names) + (f" and {more} more" if more else "")
-
-
-def _fail_all(batch: Batch, sink: Sink, error: BaseException) -> None:
-    failure = Failure(error=error)
-    sink(Done(batch, [None] * len(batch.items), dict.fromkeys(range(len(batch.items)), failure)))
-
-
 # -- inside a Dask worker -------------------------------------------------------------
 
-_functions: dict[bytes, Callable[..., Any]] = {}
-_contexts: dict[tuple[str, int], WorkerContext] = {}
-_worker_lock = threading.Lock()
+_worker = WorkerState()  # contexts are kept until the run's _forget
 
 
 def _run_batch(
@@ -599,47 +447,15 @@ def _run_batch(
     topic: str | None,
     key: str,
 ) -> tuple[Any, ...]:
-    """Run one batch in a Dask worker thread; return what :meth:`DaskBackend._piece_done`
+    """Run one batch in a Dask worker thread; return what :meth:`DaskBackend._report`
     reads. Nothing the task raises escapes: failures travel back in the result."""
     worker = distributed.get_worker()
     address, pid = worker.address, os.getpid()
     where = f"Dask worker {address} (pid {pid})"
     if topic is not None:
         worker.log_event(topic, (key, address, pid))
-    ctx_key = (token, threading.get_ident())
-    ctx = _contexts.get(ctx_key)
-    if ctx is None:
-        try:
-            if init is not None:
-                initializer, initargs = loads(init)
-                ctx = WorkerContext(initializer, initargs)
-            else:
-                ctx = WorkerContext()
-            ctx.enter()
-            ctx.initialize()
-        except Exception as exc:
-            return ("init", dump_exception(exc, where))
-        with _worker_lock:
-            _contexts[ctx_key] = ctx
-    ctx.enter()
-    try:
-        fn = _functions.get(fn_bytes)
-        if fn is None:
-            fn = loads(fn_bytes)
-            with _worker_lock:
-                if len(_functions) >= 256:
-                    _functions.clear()
-                _functions[fn_bytes] = fn
-        items = loads(items_bytes)
-    except BaseException as exc:
-        return ("load", dump_exception(exc, where))
-    batch = Batch(Call(fn, Apply(apply)), indices, items)
-    values, errors, busy = ctx.run_batch(batch)
-    failures = {pos: _dump_exception(exc, where) for pos, exc in errors.items()} if errors else None
-    values_bytes, bad = dump_values(values, "result", lambda pos: f"task #{indices[pos]}")
-    if bad:
-        failures = {**(failures or {}), **bad}
-    return ("ok", values_bytes, failures, busy, address, pid)
+    result = _worker.run(fn_bytes, init, token, apply, indices, items_bytes, where, _dump_exception)
+    return (*result, address, pid) if result[0] == "ok" else result
 
 
 def _dump_exception(exc: BaseException, where: str) -> Failure:
@@ -673,13 +489,7 @@ def _dump_exception(exc: BaseException, where: str) -> Failure:
 
 async def _forget(token: str) -> None:
     """Close the worker contexts of a finished run (on the worker's event loop)."""
-    with _worker_lock:
-        for key in [k for k in _contexts if k[0] == token]:
-            ctx = _contexts.pop(key)
-            try:
-                ctx.close()
-            except Exception:
-                pass
+    _worker.forget(token)
 
 
 async def _kill_worker() -> None:

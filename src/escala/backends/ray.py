@@ -40,32 +40,21 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import ray.exceptions
 
-from .._calls import WorkerContext
 from .._cpu import usable_cpus
-from .._errors import (
-    BrokenWorker,
-    EscalaError,
-    PoolClosed,
-    RemoteTraceback,
-    SendError,
-    TaskTimeout,
-    WorkerDied,
-)
-from .._pickling import dump_exception, dump_function, dump_values, dumps, loads
-from .base import Apply, Batch, Call, Done, Failure, Sink
+from .._errors import EscalaError, TaskTimeout, WorkerDied
+from .._pickling import dump_function, dumps
+from ._remote import Piece, RemoteBackend, WorkerState
+from .base import Batch, Sink
 
 __all__ = ["RayBackend"]
 
-#: Distinct functions kept in the object store before the oldest are released.
-FUNCTION_CACHE = 256
 #: Worker contexts (initializer state, event loop) a Ray worker keeps before closing the
 #: oldest: Ray workers outlive a run on a cluster escala did not start.
 CONTEXT_CACHE = 16
@@ -90,32 +79,15 @@ _local_users = 0
 
 
 @dataclass(eq=False)
-class _Job:
-    """One escala batch and what its Ray tasks have reported so far."""
-
-    batch: Batch
-    sink: Sink
-    values: list[Any]
-    failures: dict[int, Failure] = field(default_factory=dict)
-    lost: list[int] = field(default_factory=list)
-    busy: float = 0.0
-    split: bool = False
-    left: int = 0
-
-
-@dataclass(eq=False)
-class _Piece:
+class _Piece(Piece):
     """One Ray task: a whole batch, or (with a timeout) one task of it."""
 
-    job: _Job
-    start: int  # first position in the batch
-    count: int
     args: tuple[Any, ...] = ()
     ref: Any = None
     started: float | None = None  # when it was handed to Ray
 
 
-class RayBackend:
+class RayBackend(RemoteBackend):
     """Run batches as tasks on a Ray cluster.
 
     Args:
@@ -128,6 +100,7 @@ class RayBackend:
     """
 
     batches_pay = True  # a Ray task costs about a millisecond: batch small tasks
+    engine = "Ray"
 
     def __init__(
         self,
@@ -163,24 +136,15 @@ class RayBackend:
         # a backend dropped before shutdown (an imap never iterated) lets its connection go
         self._finalizer = weakref.finalize(self, _release) if self._local else None
         if workers:
-            self.workers = workers
+            self._setup(workers)
         elif ray.is_initialized():
-            self.workers = _cpus()
+            self._setup(_cpus())
         else:
-            self.workers = usable_cpus()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+            self._setup(usable_cpus())
         self._pieces: dict[int, _Piece] = {}  # handed to Ray, by id
-        self._queue: deque[_Piece] = deque()  # waiting for a free CPU
         # completions for the collector; () wakes it for a new deadline, None stops it
         self._done: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._reporting = 0  # pieces done whose sink has not yet been called
-        self._slots = self.workers
-        self._shipped: dict[int, tuple[Callable[..., Any], Any]] = {}
         self._init_ref: Any = None
-        self._cancelled: dict[int, Sink] = {}
-        self._closed = False
-        self._broken: BaseException | None = None
         self._collector: threading.Thread | None = None
         self._remote: Any = None
 
@@ -207,19 +171,11 @@ class RayBackend:
         self._collector.start()
 
     def submit(self, batch: Batch, sink: Sink) -> None:
-        if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+        accepted = self._accept(batch, sink)
+        if accepted is None:
+            return
+        job, fn_ref, items = accepted
         size = len(batch.items)
-        if self._broken is not None:
-            _fail_all(batch, sink, self._broken)
-            return
-        fn_ref = self._ship(batch.call.fn)
-        items, bad = dump_values(batch.items, "argument", lambda pos: f"task #{batch.indices[pos]}")
-        if bad:
-            lost = [pos for pos in range(size) if pos not in bad]
-            sink(Done(batch, [None] * size, bad, lost))
-            return
-        job = _Job(batch, sink, [None] * size)
         if batch.timeout is None:
             pieces = [(0, size, items)]
         else:
@@ -248,27 +204,15 @@ class RayBackend:
                 self._done.put(())  # a new deadline for the collector
             piece.ref.future().add_done_callback(lambda f, p=piece: self._done.put((p, f)))
 
-    def _ship(self, fn: Callable[..., Any]) -> Any:
-        """Return the function's object reference: cloudpickled and put once."""
-        with self._lock:
-            known = self._shipped.get(id(fn))
-            if known is not None and known[0] is fn:
-                return known[1]
-        ref = ray.put(dump_function(fn))
-        with self._lock:
-            if len(self._shipped) >= FUNCTION_CACHE:
-                self._shipped.clear()  # freed once no task refers to them
-            self._shipped[id(fn)] = (fn, ref)
-        return ref
+    def _store(self, data: bytes) -> Any:
+        """Put a cloudpickled function in Ray's object store; return its reference."""
+        return ray.put(data)
 
     def cancel(self, sink: Sink) -> None:
         # queued pieces are dropped; running ones finish unreported (a Ray task cannot be
         # interrupted without killing its worker, which shutdown(cancel=True) does)
         with self._lock:
-            self._cancelled[id(sink)] = sink
-            kept = [p for p in self._queue if p.job.sink is not sink]
-            self._queue.clear()
-            self._queue.extend(kept)
+            self._drop_queued(sink)
 
     def shutdown(self, *, cancel: bool) -> None:
         with self._lock:
@@ -343,22 +287,12 @@ class RayBackend:
         if late:
             self._pump()
 
-    def _piece_done(self, piece: _Piece, future: Any) -> None:
-        with self._lock:
-            if self._pieces.pop(id(piece), None) is None:
-                return  # timed out, or cancelled by shutdown: reported or unwanted
-            self._reporting += 1
-            unwanted = id(piece.job.sink) in self._cancelled
-        try:
-            self._pump()
-            if not unwanted:
-                self._report(piece, future)
-        finally:
-            with self._lock:
-                self._reporting -= 1
-                self._changed.notify_all()
+    def _key(self, piece: _Piece) -> int:
+        return id(piece)
 
-    def _report(self, piece: _Piece, future: Any) -> None:
+    def _report(self, piece: _Piece, future: Any, unwanted: bool) -> None:
+        if unwanted:
+            return  # it ran to its end, unreported (see cancel)
         try:
             result = future.result()
         except _DIED as exc:
@@ -368,85 +302,13 @@ class RayBackend:
             self._lose(piece)
             return
         except Exception as exc:
-            error = EscalaError(
-                f"the Ray cluster could not run {_names(piece)}: {type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
-            self._fill(piece, error)
+            self._failed(piece, exc)
             return
-        kind = result[0]
-        if kind == "init":
-            failure: Failure = result[1]
-            broken = BrokenWorker(
-                f"the initializer failed in a Ray worker: {failure.type_name}: {failure.message}"
-            )
-            broken.__cause__ = RemoteTraceback(failure.traceback)
-            self._broken = broken
-            self._fill(piece, broken)
-        elif kind == "load":
-            self._unloadable(piece, result[1], "could not be loaded in the Ray worker")
-        else:
-            _, values_bytes, failures, busy = result
-            try:
-                values = loads(values_bytes)
-            except Exception as exc:
-                text = f"{type(exc).__name__}: {exc}"
-                failure = Failure(type_name=type(exc).__name__, message=str(exc), traceback=text)
-                self._unloadable(piece, failure, "could not be rebuilt in the caller", True)
-                return
-            job = piece.job
-            job.values[piece.start : piece.start + piece.count] = values
-            for pos, fail in (failures or {}).items():
-                job.failures[piece.start + pos] = fail
-            job.busy += busy
-            self._finish(piece)
-
-    def _finish(self, piece: _Piece) -> None:
-        job = piece.job
-        with self._lock:
-            job.left -= 1
-            if job.left:
-                return
-        if job.split:
-            # the culprit is looked for alone: report none of the batch as done
-            size = len(job.batch.items)
-            job.sink(Done(job.batch, [None] * size, lost=list(range(size)), split=True))
-            return
-        busy = 0.0 if job.lost or job.batch.timeout is not None else job.busy
-        job.sink(Done(job.batch, job.values, job.failures or None, sorted(job.lost), busy))
-
-    def _fill(self, piece: _Piece, error: BaseException) -> None:
-        for pos in range(piece.start, piece.start + piece.count):
-            piece.job.failures[pos] = Failure(error=error)
-        self._finish(piece)
-
-    def _lose(self, piece: _Piece) -> None:
-        piece.job.lost.extend(range(piece.start, piece.start + piece.count))
-        with self._lock:  # the function's stored copy may be what was lost
-            self._shipped.pop(id(piece.job.batch.call.fn), None)
-        self._finish(piece)
-
-    def _unloadable(self, piece: _Piece, failure: Failure, why: str, result: bool = False) -> None:
-        if piece.count > 1:
-            piece.job.split = True
-            self._finish(piece)
-            return
-        index = piece.job.batch.indices[piece.start]
-        what = "result" if result else "argument (or function)"
-        error = SendError(
-            f"the {what} of task #{index} {why}: {failure.type_name}: {failure.message}. "
-            "Everything a task takes and returns must be importable by the same name in the "
-            "Ray workers and in the caller.",
-            index=index,
-        )
-        error.__cause__ = RemoteTraceback(failure.traceback)
-        self._fill(piece, error)
+        self._decode(piece, result)
 
     def _killed(self, piece: _Piece, exc: BaseException) -> None:
         """The Ray worker running a piece died: blame its task, or find the culprit."""
-        if piece.count > 1:
-            piece.job.split = True
-            self._finish(piece)
+        if self._split(piece):
             return
         index = piece.job.batch.indices[piece.start]
         error = WorkerDied(
@@ -512,23 +374,9 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _names(piece: _Piece) -> str:
-    indices = piece.job.batch.indices[piece.start : piece.start + piece.count]
-    names = [f"#{i}" for i in indices[:2]]
-    more = len(indices) - len(names)
-    return "task " + ", ".join(names) + (f" and {more} more" if more else "")
-
-
-def _fail_all(batch: Batch, sink: Sink, error: BaseException) -> None:
-    failure = Failure(error=error)
-    sink(Done(batch, [None] * len(batch.items), dict.fromkeys(range(len(batch.items)), failure)))
-
-
 # -- inside a Ray worker --------------------------------------------------------------
 
-_functions: dict[bytes, Callable[..., Any]] = {}
-_contexts: dict[tuple[str, int], WorkerContext] = {}
-_worker_lock = threading.Lock()
+_worker = WorkerState(CONTEXT_CACHE)
 
 
 def _run_batch(
@@ -542,43 +390,4 @@ def _run_batch(
     """Run one batch in a Ray worker; return what :meth:`RayBackend._report` reads.
     Nothing the task raises escapes: failures travel back in the result."""
     where = f"Ray worker (pid {os.getpid()})"
-    ctx_key = (token, threading.get_ident())
-    ctx = _contexts.get(ctx_key)
-    if ctx is None:
-        try:
-            if init is not None:
-                initializer, initargs = loads(init)
-                ctx = WorkerContext(initializer, initargs)
-            else:
-                ctx = WorkerContext()
-            ctx.enter()
-            ctx.initialize()
-        except Exception as exc:
-            return ("init", dump_exception(exc, where))
-        with _worker_lock:
-            while len(_contexts) >= CONTEXT_CACHE:  # runs long finished, on a shared cluster
-                old = _contexts.pop(next(iter(_contexts)))
-                try:
-                    old.close()
-                except Exception:
-                    pass
-            _contexts[ctx_key] = ctx
-    ctx.enter()
-    try:
-        fn = _functions.get(fn_bytes)
-        if fn is None:
-            fn = loads(fn_bytes)
-            with _worker_lock:
-                if len(_functions) >= FUNCTION_CACHE:
-                    _functions.clear()
-                _functions[fn_bytes] = fn
-        items = loads(items_bytes)
-    except BaseException as exc:
-        return ("load", dump_exception(exc, where))
-    batch = Batch(Call(fn, Apply(apply)), indices, items)
-    values, errors, busy = ctx.run_batch(batch)
-    failures = {pos: dump_exception(exc, where) for pos, exc in errors.items()} if errors else None
-    values_bytes, bad = dump_values(values, "result", lambda pos: f"task #{indices[pos]}")
-    if bad:
-        failures = {**(failures or {}), **bad}
-    return ("ok", values_bytes, failures, busy)
+    return _worker.run(fn_bytes, init, token, apply, indices, items_bytes, where)
