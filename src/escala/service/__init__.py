@@ -7,6 +7,7 @@ The map of this package, from the outside in::
     _core     Service: admission, fair queues, dispatch to escala pools, leases, events
     _admission  in-flight gate with CoDel timeouts, token buckets, queue-wait deadline
     _fair     weighted deficit round robin across users
+    _types    Refused, RunResult, Progress (report_progress), Lifecycle, error shapes
     _auth     API keys (hashed), _metrics (Prometheus, loop lag), _registry (tasks)
     ../store  where jobs live: SQLite by default
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 from ._app import create_app as create_app
 from ._config import ConfigError as ConfigError
 from ._config import ServiceConfig as ServiceConfig
-from ._core import Refused as Refused
 from ._core import Service as Service
-from ._core import report_progress as report_progress
 from ._registry import AppError as AppError
 from ._registry import load_app as load_app
 from ._server import serve as serve
+from ._types import Refused as Refused
+from ._types import report_progress as report_progress
 
 __all__ = [
     "AppError",

@@ -30,7 +30,8 @@ from .. import __version__
 from ..store import Job, JobState, NewJob
 from ._admission import AdmissionMiddleware, Gate
 from ._config import is_loopback
-from ._core import Lifecycle, Progress, Refused, RunResult, Service
+from ._core import Service
+from ._types import Lifecycle, Progress, Refused, RunResult
 
 __all__ = ["create_app"]
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import enum
 import functools
 import json
 import logging
@@ -40,70 +38,21 @@ from ._config import ServiceConfig
 from ._fair import FairQueue
 from ._metrics import LoopLagProbe, Metrics, percentiles
 from ._registry import TaskSpec, specs_of
+from ._types import (
+    Lifecycle,
+    Progress,
+    Refused,
+    RunResult,
+    cancelled_error,
+    error_of,
+    reporter,
+    yield_to_the_loop,
+)
 
-__all__ = ["Progress", "Refused", "RunResult", "Service", "report_progress"]
+__all__ = ["Service"]
 
 log = logging.getLogger("escala.service")
 POOLS = ("cpu", "io")
-_MESSAGE_LIMIT = 2000
-
-
-class Refused(Exception):
-    """A request admission control turns away, with the status and when to come back."""
-
-    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.retry_after = retry_after
-
-
-class Lifecycle(enum.Enum):
-    """Where the service is in its life."""
-
-    NEW = "new"  # built, nothing started
-    SERVING = "serving"  # pools up, store open, dispatching jobs
-    STOPPING = "stopping"  # refusing new work, letting running jobs finish
-    STOPPED = "stopped"  # everything released; cannot start again
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """The outcome of a job, as the service reports it."""
-
-    state: JobState
-    result: Any = None
-    error: dict[str, str] | None = None
-    duration: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """How far a running job has come, as its task reported it."""
-
-    job_id: str
-    done: float  # from 0 to 1
-    note: str = ""
-
-
-_reporter: contextvars.ContextVar[Callable[[float, str], None]] = contextvars.ContextVar(
-    "escala_progress_reporter"
-)
-
-
-def report_progress(done: float, note: str = "") -> bool:
-    """Tell the job's watchers (``/events``) how far the running task has come.
-
-    Call it from an ``async`` task run by ``escala serve``; ``done`` is a fraction from 0
-    to 1 (clamped), ``note`` a short text. Returns ``False``, and does nothing, anywhere
-    else: in a plain function, which runs on a thread or in another process, progress
-    does not travel.
-    """
-    report = _reporter.get(None)
-    if report is None:
-        return False
-    report(min(max(float(done), 0.0), 1.0), str(note)[:200])
-    return True
 
 
 @dataclass(eq=False, slots=True)
@@ -177,7 +126,7 @@ class Service:
         cfg = self.config
         # the process pool forks first, while this process has the fewest threads
         self._procs = Pool(
-            "processes", cfg.cpu_pool_size, timeout=cfg.job_timeout, initializer=_yield_to_the_loop
+            "processes", cfg.cpu_pool_size, timeout=cfg.job_timeout, initializer=yield_to_the_loop
         )
         self._threads = Pool("threads", cfg.io_threads, timeout=cfg.job_timeout)
         try:
@@ -529,12 +478,12 @@ class Service:
         args, kwargs = (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
         if spec.is_async:
             # the task runs in a copy of this context: report_progress() finds its job there
-            token = _reporter.set(functools.partial(self._progress, ticket.job_id))
+            token = reporter.set(functools.partial(self._progress, ticket.job_id))
             try:
                 coro = asyncio.wait_for(spec.fn(*args, **kwargs), self.config.job_timeout)
                 return asyncio.ensure_future(coro)
             finally:
-                _reporter.reset(token)
+                reporter.reset(token)
         pool = self._procs if spec.pool == "cpu" else self._threads
         assert pool is not None
         return asyncio.wrap_future(pool.submit(spec.fn, *args, **kwargs))
@@ -561,7 +510,7 @@ class Service:
                     if ticket.reply is not None and not ticket.reply.done():
                         ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
                     return
-                outcome = RunResult(JobState.CANCELLED, error=_cancelled_error())
+                outcome = RunResult(JobState.CANCELLED, error=cancelled_error())
             else:
                 try:
                     # the client gets strict JSON: say so in the job, not in a 500 later
@@ -569,12 +518,12 @@ class Service:
                     outcome = RunResult(JobState.SUCCEEDED, value)
                 except (TypeError, ValueError) as exc:
                     what = "the task's result is not JSON"
-                    outcome = RunResult(JobState.FAILED, error=_error_of(exc, what))
+                    outcome = RunResult(JobState.FAILED, error=error_of(exc, what))
         except Exception as exc:
             if isinstance(exc, TimeoutError) and ticket.spec.is_async:
                 exc = TimeoutError(f"the task ran longer than {self.config.job_timeout:g} s")
             log.warning("job %s (%s) failed", ticket.job_id, ticket.spec.name, exc_info=exc)
-            outcome = RunResult(JobState.FAILED, error=_error_of(exc))
+            outcome = RunResult(JobState.FAILED, error=error_of(exc))
         finally:
             self._running.pop(ticket.job_id, None)
             self._cancelled.discard(ticket.job_id)
@@ -601,7 +550,7 @@ class Service:
                 job.id, self.owner, outcome.state, result=outcome.result, error=outcome.error
             )
         except TypeError as exc:
-            outcome = RunResult(JobState.FAILED, error=_error_of(exc, "the task's result"))
+            outcome = RunResult(JobState.FAILED, error=error_of(exc, "the task's result"))
             kept = await self.store.finish(job.id, self.owner, outcome.state, error=outcome.error)
         if kept and job.id in self._watchers:
             # read back what the store recorded, so watchers see the very same job as GET
@@ -671,28 +620,3 @@ class Service:
             "loop_lag_ms": percentiles(list(m.recent_lag)[-250:]),
             "streams": self._streams,
         }
-
-
-def _yield_to_the_loop() -> None:
-    """Run CPU workers at a lower priority than the web process.
-
-    When every core is busy, the kernel then lets the event loop run as soon as it wakes,
-    instead of sharing its core with a worker: measured here, the loop's lag p99 under
-    CPU saturation fell from 3.5–5.3 ms to 2.1–3.4 ms. Workers lose nothing on idle cores.
-    """
-    with contextlib.suppress(OSError):
-        os.nice(10)
-
-
-def _error_of(exc: BaseException, what: str = "") -> dict[str, str]:
-    """Describe a failure for the client: the type and message, never a traceback."""
-    message = str(exc) or type(exc).__name__
-    if what:
-        message = f"{what}: {message}"
-    if len(message) > _MESSAGE_LIMIT:
-        message = message[:_MESSAGE_LIMIT] + "…"
-    return {"type": type(exc).__name__, "message": message}
-
-
-def _cancelled_error() -> dict[str, str]:
-    return {"type": "Cancelled", "message": "cancelled by the user"}
