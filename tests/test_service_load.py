@@ -170,3 +170,19 @@ def test_a_run_that_cannot_meet_its_deadline_is_refused_before_any_work(
         assert ok.json()["state"] == "succeeded"
         for job_id in ids:
             assert client.get(f"/v1/jobs/{job_id}/wait").json()["state"] == "succeeded"
+
+
+def test_a_retry_with_its_idempotency_key_is_not_refused_by_the_rate_limit(
+    tmp_path: pathlib.Path,
+) -> None:
+    write_app(tmp_path)
+    slow = add_key(tmp_path, "slow", "--rate", "0.01", "--burst", "1")
+    with serving(tmp_path) as server, server.client(slow) as client:
+        body = {"task": "echo", "args": [1], "idempotency_key": "order-42"}
+        first = client.post("/v1/jobs", json=body)
+        again = client.post("/v1/jobs", json=body)
+        other = client.post("/v1/jobs", json={"task": "echo", "args": [2]})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert other.status_code == 429  # the bucket was empty all along: only the retry passed

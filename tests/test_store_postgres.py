@@ -116,6 +116,9 @@ def test_idempotency_key_is_per_user(url: str) -> None:
         assert not created and again.id == first.id and again.state is JobState.CANCELLED
         other, created = await store.submit(job(user="bob", key="k1"))
         assert created and other.id != first.id
+        assert (await store.find("ann", "k1")) == again
+        assert (await store.find("bob", "k1")) == other
+        assert await store.find("ann", "k2") is None
         plain = [await store.submit(job()) for _ in range(2)]
         assert all(created for _, created in plain) and plain[0][0].id != plain[1][0].id
 

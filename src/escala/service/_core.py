@@ -298,8 +298,16 @@ class Service:
         """
         spec = self.tasks[job.task]
         spec.check_arguments(job.args, job.kwargs)
-        self._admit(job.user, spec)
-        stored, created = await self.store.submit(job)
+        # a retry of a job that exists is answered before admission: its client is not
+        # asking for more work, and a 429 would tell it its job might not exist
+        known = None
+        if job.idempotency_key is not None:
+            known = await self.store.find(job.user, job.idempotency_key)
+        if known is None:
+            self._admit(job.user, spec)
+            stored, created = await self.store.submit(job)
+        else:
+            stored, created = known, False
         if not created and (stored.task, stored.args, stored.kwargs) != (
             job.task,
             list(job.args),

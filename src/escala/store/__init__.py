@@ -110,6 +110,9 @@ class Store(Protocol):
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or ``None`` when there is no such job."""
 
+    async def find(self, user: str, idempotency_key: str) -> Job | None:
+        """Return the user's job made with that idempotency key, or ``None``."""
+
     async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
         """Move those of ``job_ids`` that are still QUEUED to RUNNING for ``owner``.
 

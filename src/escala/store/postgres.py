@@ -349,6 +349,11 @@ class PostgresStore:
         row = await self._one(_GET, (job_id,))
         return None if row is None else _job(row)
 
+    async def find(self, user: str, idempotency_key: str) -> Job | None:
+        """Return the user's job made with that idempotency key, or ``None``."""
+        row = await self._one(_SELECT_KEY, (user, idempotency_key))
+        return None if row is None else _job(row)
+
     async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
         """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one statement.
 

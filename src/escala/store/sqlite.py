@@ -471,6 +471,15 @@ class SQLiteStore:
         """Return the job with that id, or ``None`` when there is none."""
         return await self._read(lambda conn: _select(conn, job_id))
 
+    async def find(self, user: str, idempotency_key: str) -> Job | None:
+        """Return the user's job made with that idempotency key, or ``None``."""
+
+        def select(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(_SELECT_KEY, (user, idempotency_key)).fetchone()
+            return None if row is None else _job(row)
+
+        return await self._read(select)
+
     async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
         """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one write.
 
