@@ -36,7 +36,7 @@ from ._admission import QueueDeadline, TokenBuckets
 from ._auth import Authenticator
 from ._config import ServiceConfig
 from ._fair import FairQueue
-from ._metrics import LoopLagProbe, Metrics, percentiles
+from ._metrics import LoopLagProbe, Metrics
 from ._registry import TaskSpec, specs_of
 from ._types import (
     Lifecycle,
@@ -584,47 +584,16 @@ class Service:
 
     def stats(self) -> dict[str, Any]:
         """Return the live figures the dashboard shows."""
-        m = self.metrics
         by_user: dict[str, int] = {}
         for queue in self._queues.values():
             for user, depth in queue.depths().items():
                 by_user[user] = by_user.get(user, 0) + depth
-        finished = dict.fromkeys(("succeeded", "failed", "cancelled"), 0.0)
-        for metric in m.finished.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    finished[sample.labels["state"]] += sample.value
-        submitted = sum(
-            s.value
-            for metric in m.submitted.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        )
-        rejected: dict[str, float] = {}
-        for metric in m.rejected.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    rejected[sample.labels["reason"]] = sample.value
         return {
             "time": time.time(),
-            "uptime_s": round(time.time() - m.started, 1),
             "state": self.state.value,
-            "jobs": {"submitted": int(submitted), **{k: int(v) for k, v in finished.items()}},
-            "rejected": {k: int(v) for k, v in rejected.items()},
-            "throughput_per_s": m.throughput(),
+            **self.metrics.figures(),
             "queue": {"total": sum(by_user.values()), "users": len(by_user), "by_user": by_user},
-            # a CPU job handed to the pool waits there for a free worker; count it as running
-            # only once a worker can be running it
-            "running": {
-                "cpu": min(self._busy["cpu"], self.config.cpu_pool_size),
-                "io": self._busy["io"],
-            },
+            "running": dict(self._busy),
             "workers": {"cpu": self.config.cpu_pool_size, "io": self._slots["io"]},
-            "latency_ms": {
-                "queue": percentiles(m.recent_wait),
-                "run": percentiles(m.recent_run),
-                "total": percentiles(m.recent_total),
-            },
-            "loop_lag_ms": percentiles(list(m.recent_lag)[-250:]),
             "streams": self._streams,
         }

@@ -13,6 +13,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -89,6 +90,36 @@ class Metrics:
         self.recent_run.append(ran)
         self.recent_total.append(waited + ran)
         self.recent_done.append(time.monotonic())
+
+    @staticmethod
+    def totals(counter: Counter, label: str) -> dict[str, int]:
+        """Return a counter's totals by one of its labels, summed over the others."""
+        found: dict[str, int] = {}
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    key = sample.labels[label]
+                    found[key] = found.get(key, 0) + int(sample.value)
+        return found
+
+    def figures(self) -> dict[str, Any]:
+        """Return the counts, rates and recent percentiles the dashboard shows."""
+        finished = self.totals(self.finished, "state")
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "jobs": {
+                "submitted": sum(self.totals(self.submitted, "pool").values()),
+                **{state: finished.get(state, 0) for state in ("succeeded", "failed", "cancelled")},
+            },
+            "rejected": self.totals(self.rejected, "reason"),
+            "throughput_per_s": self.throughput(),
+            "latency_ms": {
+                "queue": percentiles(self.recent_wait),
+                "run": percentiles(self.recent_run),
+                "total": percentiles(self.recent_total),
+            },
+            "loop_lag_ms": percentiles(list(self.recent_lag)[-250:]),
+        }
 
     def throughput(self, span: float = 5.0) -> float:
         """Return jobs finished per second over the last ``span`` seconds."""

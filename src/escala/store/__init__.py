@@ -92,7 +92,13 @@ class ApiKey:
 
 
 class Store(Protocol):
-    """What the service needs from a job store. Every write is durable when it returns."""
+    """What the service needs from a job store. Every write is durable when it returns.
+
+    Every method raises ``StoreError`` when the store is closed or its database fails.
+    ``submit`` and ``finish`` raise ``TypeError``, writing nothing, for arguments or a
+    result that are not strict JSON values (NaN and infinities included); ``finish`` raises
+    ``ValueError`` for a state other than SUCCEEDED or FAILED.
+    """
 
     async def open(self) -> None:
         """Create or migrate the schema and get ready. Raises ``StoreError``."""

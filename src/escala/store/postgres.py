@@ -190,6 +190,8 @@ def _connect_error(url: str, exc: psycopg.Error) -> str:
 class PostgresStore:
     """A ``Store`` in a PostgreSQL database, which many escala nodes may share.
 
+    Each method keeps the contract written on the ``Store`` protocol (``store/__init__.py``).
+
     Args:
         url: A libpq connection string: ``postgresql://user:password@host:port/dbname``
             or ``"host=... dbname=..."``. The database must exist; ``open`` creates the
@@ -320,16 +322,7 @@ class PostgresStore:
     # -- jobs --------------------------------------------------------------------------
 
     async def submit(self, job: NewJob) -> tuple[Job, bool]:
-        """Commit a new QUEUED job, or find the one its idempotency key created.
-
-        Returns:
-            The new job and ``True``; or, when the same user already used
-            ``job.idempotency_key``, the job that key created and ``False``.
-
-        Raises:
-            TypeError: ``args`` or ``kwargs`` are not JSON values (nothing is sent).
-            StoreError: The store is closed or the database failed.
-        """
+        """Commit a new QUEUED job, or find the one its idempotency key created."""
         args, kwargs = _dumps(list(job.args), "args"), _dumps(dict(job.kwargs), "kwargs")
         key = job.idempotency_key
         values = (uuid.uuid4().hex, job.user, job.task, args, kwargs, job.priority, key)
@@ -355,11 +348,7 @@ class PostgresStore:
         return None if row is None else _job(row)
 
     async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
-        """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one statement.
-
-        Returns:
-            The claimed jobs, in the order of ``job_ids``, with ``attempts`` counted.
-        """
+        """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one statement."""
         ids = list(dict.fromkeys(job_ids))
         if not ids:
             return []
@@ -408,16 +397,7 @@ class PostgresStore:
         result: Any = None,
         error: Mapping[str, str] | None = None,
     ) -> bool:
-        """Record the end of a RUNNING job held by ``owner``.
-
-        Returns:
-            ``True``; ``False`` when the job is not RUNNING for ``owner`` (cancelled
-            meanwhile, or its lease was lost), and nothing was written.
-
-        Raises:
-            TypeError: ``result`` is not a JSON value; nothing was written.
-            ValueError: ``state`` is neither SUCCEEDED nor FAILED.
-        """
+        """Record the end of a RUNNING job held by ``owner``."""
         if state not in (JobState.SUCCEEDED, JobState.FAILED):
             raise ValueError(f"a job finishes as succeeded or failed, not {state.value}")
         out = None if result is None else _dumps(result, f"the result of job {job_id}")
@@ -425,12 +405,7 @@ class PostgresStore:
         return await self._rowcount(_FINISH, (state.value, out, err, job_id, owner)) == 1
 
     async def cancel(self, job_id: str, user: str) -> Job | None:
-        """Cancel the user's job if it is QUEUED or RUNNING.
-
-        Returns:
-            The job as it now is (unchanged when already final), or ``None`` when there
-            is no such job or it belongs to another user.
-        """
+        """Cancel the user's job if it is QUEUED or RUNNING."""
         async with self._conn() as conn:
             row = await (await conn.execute(_CANCEL, (_CANCELLED, job_id, user))).fetchone()
             if row is None:  # missing, another user's, or already final
@@ -444,16 +419,7 @@ class PostgresStore:
         return await self._rowcount(_RELEASE, (owner, list(job_ids)))
 
     async def recover(self, owner: str, *, all_others: bool = False) -> int:
-        """Put back to QUEUED every RUNNING job whose lease has expired (database clock).
-
-        Args:
-            owner: Who recovers: its jobs are kept while their leases hold.
-            all_others: Also take back every RUNNING job of any other owner. Never pass it
-                on a database that several servers share: their jobs would run twice.
-
-        Returns:
-            How many jobs went back to the queue.
-        """
+        """Put back to QUEUED every RUNNING job whose lease has expired (database clock)."""
         return await self._rowcount(_RECOVER, (all_others, owner))
 
     async def queued(self) -> list[Job]:
@@ -468,12 +434,7 @@ class PostgresStore:
     # -- keys --------------------------------------------------------------------------
 
     async def add_key(self, key: ApiKey) -> None:
-        """Store a key record.
-
-        Raises:
-            StoreError: The user already has a key (remove it first), or the database
-                failed.
-        """
+        """Store a key record."""
         values = (key.user, key.key_hash, key.weight, key.rate, key.burst, key.created_at)
         try:
             await self._rowcount(_ADD_KEY, values)

@@ -165,6 +165,8 @@ def _deliver(ops: Sequence[_Op], outcomes: Sequence[tuple[bool, Any]]) -> None:
 class SQLiteStore:
     """A ``Store`` in one SQLite file, durable on return, with group commit.
 
+    Each method keeps the contract written on the ``Store`` protocol (``store/__init__.py``).
+
     Args:
         path: The database file; created by ``open`` if missing (its folder must exist).
         batch: The most operations committed in one transaction.
@@ -441,19 +443,7 @@ class SQLiteStore:
     # -- jobs --------------------------------------------------------------------------
 
     async def submit(self, job: NewJob) -> tuple[Job, bool]:
-        """Commit a new QUEUED job, or find the one its idempotency key created.
-
-        Args:
-            job: The job as the client sent it.
-
-        Returns:
-            The new job and ``True``; or, when the same user already used
-            ``job.idempotency_key``, the job that key created and ``False``.
-
-        Raises:
-            TypeError: ``args`` or ``kwargs`` are not JSON values (nothing is written).
-            StoreError: The store is closed or the database failed.
-        """
+        """Commit a new QUEUED job, or find the one its idempotency key created."""
         args, kwargs = _dumps(list(job.args), "args"), _dumps(dict(job.kwargs), "kwargs")
         key, now = job.idempotency_key, time.time()
 
@@ -481,16 +471,7 @@ class SQLiteStore:
         return await self._read(select)
 
     async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
-        """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one write.
-
-        Args:
-            job_ids: The jobs to claim; those no longer QUEUED are skipped.
-            owner: Who will run them (a worker's or a server's id).
-            lease: Seconds until the claim expires unless renewed by ``heartbeat``.
-
-        Returns:
-            The claimed jobs, in the order of ``job_ids``, with ``attempts`` counted.
-        """
+        """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one write."""
         now, ids = time.time(), list(job_ids)
 
         def op(conn: sqlite3.Connection) -> list[Job]:
@@ -500,11 +481,7 @@ class SQLiteStore:
         return await self._write(op)
 
     async def heartbeat(self, owner: str, lease: float) -> int:
-        """Extend to ``now + lease`` the lease of every RUNNING job of ``owner``.
-
-        Returns:
-            How many jobs ``owner`` holds.
-        """
+        """Extend to ``now + lease`` the lease of every RUNNING job of ``owner``."""
         params = (time.time() + lease, owner)
         return await self._write(lambda conn: conn.execute(_HEARTBEAT, params).rowcount)
 
@@ -517,24 +494,7 @@ class SQLiteStore:
         result: Any = None,
         error: Mapping[str, str] | None = None,
     ) -> bool:
-        """Record the end of a RUNNING job held by ``owner``.
-
-        Args:
-            job_id: The job.
-            owner: Who claimed it.
-            state: ``SUCCEEDED`` or ``FAILED``.
-            result: The return value: a JSON value.
-            error: ``{"type": ..., "message": ...}`` when it failed.
-
-        Returns:
-            ``True``; ``False`` when the job is not RUNNING for ``owner`` (cancelled
-            meanwhile, or its lease was lost), and nothing was written.
-
-        Raises:
-            TypeError: ``result`` is not a JSON value; nothing was written, the job is
-                still RUNNING (the caller may finish it as FAILED instead).
-            ValueError: ``state`` is neither SUCCEEDED nor FAILED.
-        """
+        """Record the end of a RUNNING job held by ``owner``."""
         if state not in (JobState.SUCCEEDED, JobState.FAILED):
             raise ValueError(f"a job finishes as succeeded or failed, not {state.value}")
         # Checked here, not in the writer: a bad result must not reach a group.
@@ -544,12 +504,7 @@ class SQLiteStore:
         return await self._write(lambda conn: conn.execute(_FINISH, params).rowcount == 1)
 
     async def cancel(self, job_id: str, user: str) -> Job | None:
-        """Cancel the user's job if it is QUEUED or RUNNING.
-
-        Returns:
-            The job as it now is (unchanged when already final), or ``None`` when there
-            is no such job or it belongs to another user.
-        """
+        """Cancel the user's job if it is QUEUED or RUNNING."""
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> Job | None:
@@ -563,27 +518,14 @@ class SQLiteStore:
         return await self._write(op)
 
     async def release(self, owner: str, job_ids: Sequence[str]) -> int:
-        """Put RUNNING jobs of ``owner`` back to QUEUED, keeping their ``attempts``.
-
-        Returns:
-            How many of ``job_ids`` were RUNNING for ``owner``.
-        """
+        """Put RUNNING jobs of ``owner`` back to QUEUED, keeping their ``attempts``."""
         params = [(owner, job_id) for job_id in job_ids]
         if not params:
             return 0
         return await self._write(lambda conn: conn.executemany(_RELEASE, params).rowcount)
 
     async def recover(self, owner: str, *, all_others: bool = False) -> int:
-        """Put back to QUEUED every RUNNING job whose lease has expired.
-
-        Args:
-            owner: Who recovers: its jobs are kept while their leases hold.
-            all_others: Also take back every RUNNING job of any other owner; right only
-                when the store is held exclusively, so that those owners are dead.
-
-        Returns:
-            How many jobs went back to the queue.
-        """
+        """Put back to QUEUED every RUNNING job whose lease has expired."""
         params = (time.time(), all_others, owner)
         return await self._write(lambda conn: conn.execute(_RECOVER, params).rowcount)
 
@@ -601,12 +543,7 @@ class SQLiteStore:
     # -- keys --------------------------------------------------------------------------
 
     async def add_key(self, key: ApiKey) -> None:
-        """Store a key record.
-
-        Raises:
-            StoreError: The user already has a key (remove it first), or the database
-                failed.
-        """
+        """Store a key record."""
         values = (key.user, key.key_hash, key.weight, key.rate, key.burst, key.created_at)
 
         def op(conn: sqlite3.Connection) -> None:
