@@ -460,9 +460,20 @@ class _Fleet:
         self._pids = pids
 
     def start(self, name: str, options: Sequence[str]) -> _Server:
-        server = _Server(self._folder, name, options)
-        self._running.append(server)
-        self._pids.append(server.pid)
+        # A Ctrl-C between the fork and the registration below would orphan the server:
+        # stop_all() could not know it. Hold the interrupt until it is registered.
+        held: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda n, _: held.append(n)) if main else None
+        try:
+            server = _Server(self._folder, name, options)
+            self._running.append(server)
+            self._pids.append(server.pid)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
         server.wait_ready()
         return server
 
