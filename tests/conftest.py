@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import escala
+import pg
 
 # Hypothesis: no per-example deadline (a process pool starts in each example), fewer
 # examples on CI, where the whole suite shares two cores.
@@ -60,6 +61,20 @@ if __name__ == "__main__":
     sys.stdin.read()  # until the tests' process closes the pipe (or dies)
     cluster.close()
 """
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The URL of the session's PostgreSQL server (its ``postgres`` database)."""
+    with pg.server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    with pg.database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

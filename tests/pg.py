@@ -20,9 +20,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 URL_VARIABLE = "ESCALA_TEST_PG_URL"
 
@@ -99,3 +102,16 @@ def server() -> Iterator[str]:
             pg(pg_ctl, "-D", data, "-m", "fast", "-w", "stop")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def database(server_url: str) -> Iterator[str]:
+    """Yield the URL of a fresh, empty database on that server; drop it after."""
+    name = f"escala_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

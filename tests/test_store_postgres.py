@@ -1,6 +1,7 @@
 """The PostgreSQL job store: the Store contract, multi-node claiming and migrations.
 
-Each test gets a database of its own on one server for the session (``pg.server``).
+Each test gets a database of its own (``pg_url``) on one server for the session
+(``pg_server``, both in ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -16,31 +16,15 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-import pg
 from escala.store import ApiKey, JobState, NewJob, StoreError
 from escala.store.postgres import SCHEMA_VERSION, PostgresStore
 
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """The URL of the session's PostgreSQL server (its ``postgres`` database)."""
-    with pg.server() as url:
-        yield url
-
-
 @pytest.fixture
-def url(pg_server: str) -> Iterator[str]:
-    """The URL of a fresh, empty database, dropped after the test."""
-    name = f"escala_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield make_conninfo(pg_server, dbname=name)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+def url(pg_url: str) -> str:
+    return pg_url
 
 
 @contextlib.asynccontextmanager
@@ -311,8 +295,13 @@ def test_concurrent_claim_next_never_claims_a_job_twice(url: str) -> None:
             claimed: list[tuple[str, str]] = []
 
             async def worker(store: PostgresStore, owner: str) -> None:
-                while batch := await store.claim_next(owner, 7, 60):
+                # a claim may come back empty while others hold the first turns: a
+                # worker stops only when nothing is queued any more
+                while True:
+                    batch = await store.claim_next(owner, 7, 60)
                     claimed.extend((j.id, owner) for j in batch)
+                    if not batch and (await store.counts())[JobState.QUEUED] == 0:
+                        return
 
             await asyncio.gather(
                 *(

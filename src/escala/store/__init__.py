@@ -14,16 +14,33 @@ Lifecycle of a job (``JobState``)::
 
 Every method is a coroutine: a store may do its I/O on threads (SQLite) or on the event
 loop (psycopg), and the service must never block its loop on either.
+
+A store that many nodes use at once (``SharedStore``: PostgreSQL) is itself the queue:
+nodes claim the fairest next jobs from it and tell each other of changes through it,
+instead of keeping a queue in memory. ``open_store`` picks the store a URL or path names.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeGuard
 
-__all__ = ["ApiKey", "Job", "JobState", "NewJob", "Store", "StoreError"]
+__all__ = [
+    "ApiKey",
+    "Backlog",
+    "Job",
+    "JobState",
+    "NewJob",
+    "SharedStore",
+    "Store",
+    "StoreError",
+    "is_shared",
+    "is_store_url",
+    "open_store",
+]
 
 
 class StoreError(Exception):
@@ -176,3 +193,74 @@ class Store(Protocol):
 
     async def keys(self) -> list[ApiKey]:
         """Return every key record."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Queued jobs of one user and one task, as a shared store counts them."""
+
+    user: str
+    task: str
+    count: int
+    oldest_wait: float  # seconds the oldest of them has waited (the database's clock)
+
+
+class SharedStore(Store, Protocol):
+    """A store that several nodes (``serve`` and ``worker`` processes) use at once.
+
+    The queue lives in the store: a node never assumes that another owner is dead, and
+    takes work with ``claim_next`` rather than from a queue of its own.
+    """
+
+    shared: bool  # always True: what ``is_shared`` looks for
+
+    async def claim_next(
+        self, owner: str, n: int, lease: float, tasks: Collection[str] | None = None
+    ) -> list[Job]:
+        """Claim up to ``n`` QUEUED jobs, fairest first, so that no two nodes get one job.
+
+        Fairest: each user's next job ranks by the jobs that user already has running
+        plus its place in the user's own queue, divided by the user's weight.
+        """
+
+    async def backlog(self) -> list[Backlog]:
+        """Return the queued jobs counted by user and task."""
+
+    async def notify(self, messages: Sequence[str]) -> None:
+        """Send short text messages to every node that ``listen``s, at once."""
+
+    async def listen(self, on_message: Callable[[str], None]) -> None:
+        """Call ``on_message`` with every message sent by ``notify``, until cancelled.
+
+        Reconnects by itself when the connection is lost; ``on_message("")`` says that
+        messages may have been missed meanwhile.
+        """
+
+
+def is_shared(store: Store) -> TypeGuard[SharedStore]:
+    """Return whether several nodes may use ``store`` at once (it holds the queue)."""
+    return getattr(store, "shared", False) is True
+
+
+def is_store_url(where: str) -> bool:
+    """Return whether ``where`` is a PostgreSQL connection URL rather than a file path."""
+    return where.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(where: str | Path, *, exclusive: bool = True) -> Store:
+    """Return the store ``where`` names: a PostgreSQL URL, else the path of a SQLite file.
+
+    ``exclusive`` applies to SQLite only (one server per file). Nothing is opened yet.
+
+    Raises:
+        StoreError: a PostgreSQL URL without the ``postgres`` extra installed.
+    """
+    if isinstance(where, str) and is_store_url(where):
+        try:
+            from .postgres import PostgresStore
+        except ImportError as exc:
+            raise StoreError(str(exc)) from None
+        return PostgresStore(where)
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(where, exclusive=exclusive)

@@ -15,6 +15,13 @@ Several nodes share one store, so none may assume that another owner is dead:
 only. A node that dies stops heartbeating; its leases expire and any node's ``recover``
 puts its jobs back in the queue.
 
+``claim_next`` is fair between users in SQL, so that the fairness holds across every
+node and not within each one: each user's queued jobs are ranked (``row_number`` per
+user), and a user's next job comes in turn ``(jobs it has running + its rank) / weight``.
+A user with many jobs running waits behind one who has none, whichever node runs them.
+Nodes tell each other of new, finished and cancelled jobs with ``NOTIFY`` on the
+``escala`` channel; a node also polls, so a lost message only delays.
+
 The schema is versioned in ``escala_schema``; ``open`` migrates it under a transaction-
 level advisory lock, so nodes starting at once apply each migration exactly once. Every
 table name starts with ``escala_``, so the store can share a database with others.
@@ -22,9 +29,11 @@ table name starts with ``escala_``, so the store can share a database with other
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,9 +47,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "the PostgreSQL job store needs psycopg 3: pip install 'escala[postgres]'"
     ) from exc
 
-from escala.store import ApiKey, Job, JobState, NewJob, StoreError
+from escala.store import ApiKey, Backlog, Job, JobState, NewJob, StoreError
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresStore"]
+
+log = logging.getLogger("escala.store")
+
+#: The NOTIFY channel on which nodes sharing a database tell each other of changes.
+CHANNEL = "escala"
 
 # Any constant will do, as long as every escala node uses the same one: "escala" in ASCII.
 _MIGRATION_LOCK = 0x657363616C61
@@ -66,6 +80,12 @@ _MIGRATIONS: list[list[str]] = [
         """CREATE TABLE escala_api_keys (
             "user" text PRIMARY KEY, key_hash text NOT NULL, weight double precision NOT NULL,
             rate double precision, burst integer, created_at double precision NOT NULL)""",
+    ],
+    [
+        # what the fair claim ranks: each user's queue, best first
+        """CREATE INDEX escala_jobs_fair ON escala_jobs ("user", priority DESC, created_at, seq)
+            WHERE state = 'queued'""",
+        "CREATE INDEX escala_jobs_running ON escala_jobs (\"user\") WHERE state = 'running'",
     ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -107,13 +127,46 @@ _CLAIM = (
     f"owner = %s, lease_until = {_NOW} + %s WHERE id = ANY(%s) AND state = 'queued' "
     f"RETURNING {_COLUMNS}"
 )
+# The fair claim, in one statement:
+#   users    each user with queued jobs: a skip scan of escala_jobs_fair, one index probe
+#            per user, however long the queue;
+#   ranked   each user's first jobs, best first (an index range per user, no sort);
+#   fair     every user's next jobs in turns of (jobs running + rank) / weight;
+#   next     the first n of those turns that no other claimer has locked.
+# A window function cannot sit beside FOR UPDATE in one SELECT, hence the CTEs. Each user
+# offers more candidates than one claim can take (per_user > n), so that claimers running
+# at once, who lock the first turns, still find the next ones; the LIMIT on ``fair`` also
+# tells the planner that few rows come out of it, so it probes them by primary key
+# instead of scanning the table.
 _CLAIM_NEXT = (
-    "WITH next AS (SELECT id FROM escala_jobs WHERE state = 'queued'{tasks} "
-    "ORDER BY priority DESC, created_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+    "WITH RECURSIVE users AS ("
+    "(SELECT \"user\" FROM escala_jobs WHERE state = 'queued' ORDER BY \"user\" LIMIT 1) "
+    "UNION ALL SELECT (SELECT j.\"user\" FROM escala_jobs j WHERE j.state = 'queued' "
+    "AND j.\"user\" > users.\"user\" ORDER BY j.\"user\" LIMIT 1) "
+    "FROM users WHERE users.\"user\" IS NOT NULL), "
+    "running AS (SELECT \"user\", count(*) AS n FROM escala_jobs "
+    "WHERE state = 'running' GROUP BY \"user\"), "
+    "ranked AS (SELECT users.\"user\", c.* FROM users CROSS JOIN LATERAL ("
+    "SELECT id, created_at, seq, row_number() OVER ("
+    "ORDER BY priority DESC, created_at, seq) AS rank FROM ("
+    "SELECT id, priority, created_at, seq FROM escala_jobs j "
+    "WHERE j.\"user\" = users.\"user\" AND j.state = 'queued'{tasks} "
+    "ORDER BY priority DESC, created_at, seq LIMIT %(per_user)s) AS mine) AS c), "
+    "fair AS (SELECT r.id, row_number() OVER (ORDER BY "
+    "(coalesce(u.n, 0) + r.rank) / coalesce(k.weight, 1.0), r.created_at, r.seq) AS turn "
+    "FROM ranked r LEFT JOIN running u USING (\"user\") "
+    "LEFT JOIN escala_api_keys k USING (\"user\") ORDER BY turn LIMIT %(per_user)s), "
+    "next AS (SELECT j.id, f.turn FROM fair f JOIN escala_jobs j ON j.id = f.id "
+    "WHERE j.state = 'queued' ORDER BY f.turn LIMIT %(n)s FOR UPDATE OF j SKIP LOCKED) "
     f"UPDATE escala_jobs j SET state = 'running', attempts = attempts + 1, "
-    f"started_at = {_NOW}, owner = %s, lease_until = {_NOW} + %s FROM next "
-    f"WHERE j.id = next.id RETURNING {', '.join('j.' + f for f in _FIELDS)}, j.seq"
+    f"started_at = {_NOW}, owner = %(owner)s, lease_until = {_NOW} + %(lease)s FROM next "
+    f"WHERE j.id = next.id RETURNING {', '.join('j.' + f for f in _FIELDS)}, next.turn"
 )
+_BACKLOG = (
+    f'SELECT "user", task, count(*), {_NOW} - min(created_at) FROM escala_jobs '
+    "WHERE state = 'queued' GROUP BY \"user\", task"
+)
+_NOTIFY = f"SELECT pg_notify('{CHANNEL}', m) FROM unnest(%s::text[]) AS m"
 _HEARTBEAT = (
     f"UPDATE escala_jobs SET lease_until = {_NOW} + %s WHERE state = 'running' AND owner = %s"
 )
@@ -201,6 +254,8 @@ class PostgresStore:
 
     #: Other servers may use the same database: never assume another owner is dead.
     exclusive = False
+    #: The queue lives here, shared by every node (``escala.store.SharedStore``).
+    shared = True
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         if pool_size < 1:
@@ -311,7 +366,9 @@ class PostgresStore:
         async with self._conn() as conn:
             return await (await conn.execute(query, params)).fetchone()
 
-    async def _all(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _all(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[Any]:
         async with self._conn() as conn:
             return await (await conn.execute(query, params)).fetchall()
 
@@ -358,10 +415,12 @@ class PostgresStore:
     async def claim_next(
         self, owner: str, n: int, lease: float, tasks: Collection[str] | None = None
     ) -> list[Job]:
-        """Take up to ``n`` QUEUED jobs, best first, and mark them RUNNING for ``owner``.
+        """Take up to ``n`` QUEUED jobs, fairest first, and mark them RUNNING for ``owner``.
 
-        Safe against every other node doing the same at once: rows another claimer has
-        locked are skipped, not waited for, so no job is claimed twice.
+        Fairest: a user's next job comes in turn ``(jobs the user has running + its rank
+        in the user's queue) / the user's key weight``; within one user, higher priority
+        first, then oldest. Safe against every other node doing the same at once: rows
+        another claimer has locked are skipped, not waited for, so no job is claimed twice.
 
         Args:
             owner: Who will run them.
@@ -370,19 +429,61 @@ class PostgresStore:
             tasks: Only jobs of these task names; ``None``: any task.
 
         Returns:
-            The claimed jobs, by priority (highest first), then oldest first.
+            The claimed jobs, in their turns.
         """
         if n < 1 or (tasks is not None and not tasks):
             return []
-        params: tuple[Any, ...]
+        params: dict[str, Any] = {"n": n, "owner": owner, "lease": lease, "per_user": 2 * n + 16}
         if tasks is None:
-            query, params = _CLAIM_NEXT.format(tasks=""), (n, owner, lease)
+            query = _CLAIM_NEXT.format(tasks="")
         else:
-            query = _CLAIM_NEXT.format(tasks=" AND task = ANY(%s)")
-            params = (list(tasks), n, owner, lease)
+            query = _CLAIM_NEXT.format(tasks=" AND task = ANY(%(tasks)s)")
+            params["tasks"] = list(tasks)
         rows = await self._all(query, params)
-        rows.sort(key=lambda row: (-row[5], row[9], row[-1]))  # priority, created_at, seq
+        rows.sort(key=lambda row: row[-1])
         return [_job(row) for row in rows]
+
+    async def backlog(self) -> list[Backlog]:
+        """Return the queued jobs counted by user and task, with their longest wait."""
+        return [Backlog(*row) for row in await self._all(_BACKLOG)]
+
+    async def notify(self, messages: Sequence[str]) -> None:
+        """Send each message (at most 8,000 bytes) to every listening node, in one commit."""
+        if messages:
+            await self._rowcount(_NOTIFY, (list(messages),))
+
+    async def listen(self, on_message: Callable[[str], None]) -> None:
+        """Call ``on_message`` with each message on the ``escala`` channel, until cancelled.
+
+        Listens on a connection of its own (a pooled one would be handed to others).
+        When that connection is lost it connects again, and calls ``on_message("")``:
+        whatever was sent meanwhile is lost, and the caller should look for itself.
+        """
+        if self._state != "open":
+            raise StoreError("store is not open")
+        failures = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    if failures:
+                        log.warning("listening to %s again", _where(self.url))
+                        on_message("")
+                    failures = 0
+                    async for note in conn.notifies():
+                        on_message(note.payload)
+            except psycopg.Error as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "lost the notifications of %s (%s); reconnecting",
+                        _where(self.url),
+                        str(exc).strip(),
+                    )
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
 
     async def heartbeat(self, owner: str, lease: float) -> int:
         """Extend to ``now + lease`` the lease of every RUNNING job of ``owner``; count them."""

@@ -1,0 +1,176 @@
+"""What the PostgreSQL store does for nodes that share it: fair claims, backlog, messages.
+
+The Store contract itself is in ``test_store_postgres.py``; these are the extra duties of
+a ``SharedStore`` (the queue lives in the database, nodes tell each other of changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator
+
+import psycopg
+
+from escala.store import ApiKey, NewJob, is_shared, open_store
+from escala.store.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresStore
+from escala.store.sqlite import SQLiteStore
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def submit(store: PostgresStore, user: str, n: int, **fields: object) -> list[str]:
+    """Submit ``n`` jobs of ``user`` one after another (so their order is known)."""
+    return [(await store.submit(NewJob(user, "t", **fields)))[0].id for _ in range(n)]  # type: ignore[arg-type]
+
+
+def test_claims_take_turns_between_users(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as store:
+            ann = await submit(store, "ann", 6)
+            bob = await submit(store, "bob", 2)
+            first = await store.claim_next("w", 4, 30)
+            # each user's next job in turn, however many the first user queued before
+            assert [j.id for j in first] == [ann[0], bob[0], ann[1], bob[1]]
+            rest = await store.claim_next("w", 10, 30)
+            assert [j.id for j in rest] == ann[2:]
+
+    asyncio.run(main())
+
+
+def test_users_with_jobs_running_wait_behind_those_without(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as store:
+            ann = await submit(store, "ann", 5)
+            assert [j.id for j in await store.claim_next("node-1", 3, 30)] == ann[:3]
+            bob = await submit(store, "bob", 3)
+            # ann has three running (on any node): bob's first three come before ann's next
+            took = await store.claim_next("node-2", 4, 30)
+            assert [j.id for j in took] == [*bob, ann[3]]
+
+    asyncio.run(main())
+
+
+def test_weights_and_priorities(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as store:
+            await store.add_key(ApiKey("ann", "a" * 64, weight=2.0))
+            ann = await submit(store, "ann", 4)
+            bob = await submit(store, "bob", 2)
+            urgent = await submit(store, "bob", 1, priority=9)
+            took = [j.id for j in await store.claim_next("w", 6, 30)]
+            # turns: ann 0.5, 1, 1.5, 2 (weight 2); bob 1, 2; bob's urgent job leads his
+            assert took == [ann[0], ann[1], urgent[0], ann[2], ann[3], bob[0]]
+
+    asyncio.run(main())
+
+
+def test_claims_of_some_tasks_only_and_backlog(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as store:
+            await submit(store, "ann", 3)
+            other = (await store.submit(NewJob("bob", "u")))[0]
+            backlog = {(b.user, b.task): b for b in await store.backlog()}
+            assert {k: b.count for k, b in backlog.items()} == {("ann", "t"): 3, ("bob", "u"): 1}
+            assert all(0 <= b.oldest_wait < 60 for b in backlog.values())
+            assert [j.id for j in await store.claim_next("w", 5, 30, tasks=["u"])] == [other.id]
+            assert await store.claim_next("w", 5, 30, tasks=["v"]) == []
+            assert {(b.user, b.count) for b in await store.backlog()} == {("ann", 3)}
+
+    asyncio.run(main())
+
+
+def test_many_claimers_share_a_long_queue_without_duplicates(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as one, opened(pg_url) as two:
+            made = {
+                job_id for user in ("ann", "bob", "cy") for job_id in await submit(one, user, 40)
+            }
+            seen: list[str] = []
+
+            async def claimer(store: PostgresStore, owner: str) -> None:
+                while True:
+                    batch = await store.claim_next(owner, 5, 60)
+                    seen.extend(j.id for j in batch)
+                    if not batch and not await store.backlog():
+                        return
+
+            await asyncio.gather(*(claimer(s, f"n{i}") for i, s in enumerate([one, two] * 3)))
+            assert sorted(seen) == sorted(made)
+
+    asyncio.run(main())
+
+
+def test_notify_reaches_every_listener_and_a_lost_connection_is_said(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as one, opened(pg_url) as two:
+            heard: dict[str, asyncio.Queue[str]] = {"one": asyncio.Queue(), "two": asyncio.Queue()}
+            listeners = [
+                asyncio.create_task(one.listen(heard["one"].put_nowait)),
+                asyncio.create_task(two.listen(heard["two"].put_nowait)),
+            ]
+            try:
+                # LISTEN takes effect some time after the task starts: send until heard
+                async with asyncio.timeout(20):
+                    while heard["one"].empty() or heard["two"].empty():
+                        await one.notify(["hello"])
+                        await asyncio.sleep(0.05)
+                for q in heard.values():
+                    while not q.empty():
+                        assert q.get_nowait() == "hello"
+                await two.notify(["queued:cpu", "done:a,b"])
+                for q in heard.values():
+                    assert [await q.get(), await q.get()] == ["queued:cpu", "done:a,b"]
+                # the server drops one listener's connection: it reconnects and says so
+                with psycopg.connect(pg_url, autocommit=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query = 'LISTEN escala' AND pid <> pg_backend_pid()"
+                    )
+                async with asyncio.timeout(20):
+                    for q in heard.values():
+                        assert await q.get() == ""
+            finally:
+                for task in listeners:
+                    task.cancel()
+                await asyncio.gather(*listeners, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_store_at_schema_1_is_migrated(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE escala_schema (one boolean PRIMARY KEY, version integer)")
+        for statement in _MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO escala_schema VALUES (true, 1)")
+        conn.execute(
+            'INSERT INTO escala_jobs (id, "user", task, args, kwargs, priority, state, '
+            "attempts, created_at) VALUES ('old', 'ann', 't', '[]', '{}', 0, 'queued', 0, 1)"
+        )
+
+    async def main() -> None:
+        async with opened(pg_url) as store:
+            assert [j.id for j in await store.claim_next("w", 1, 30)] == ["old"]
+
+    asyncio.run(main())
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM escala_schema").fetchall() == [(SCHEMA_VERSION,)]
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
+        assert {"escala_jobs_fair", "escala_jobs_running"} <= indexes
+
+
+def test_open_store_picks_by_url(tmp_path: pathlib.Path) -> None:
+    pg_store = open_store("postgresql://nobody@127.0.0.1:1/none")
+    assert isinstance(pg_store, PostgresStore) and is_shared(pg_store)
+    lite = open_store(f"{tmp_path}/jobs.db")
+    assert isinstance(lite, SQLiteStore) and not is_shared(lite)
