@@ -20,12 +20,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 URL_VARIABLE = "ESCALA_TEST_PG_URL"
 
@@ -106,12 +106,16 @@ def server() -> Iterator[str]:
 
 @contextlib.contextmanager
 def database(server_url: str) -> Iterator[str]:
-    """Yield the URL of a fresh, empty database on that server; drop it after."""
+    """Yield the URL of a fresh, empty database on that server; drop it after.
+
+    ``server_url`` is a ``postgresql://`` URL (as ``ESCALA_TEST_PG_URL`` must be): the
+    new database's URL is the same with another path.
+    """
     name = f"escala_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     try:
-        yield make_conninfo(server_url, dbname=name)
+        yield urllib.parse.urlsplit(server_url)._replace(path=f"/{name}").geturl()
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

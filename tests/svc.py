@@ -101,6 +101,24 @@ APP = textwrap.dedent(
     @escala.task(kind="cpu")
     def pid() -> int:
         return os.getpid()
+
+
+    @escala.task(kind="io")
+    async def mark(folder: str, n: int) -> int:
+        """Leave a mark for job n: a second run of the same job fails."""
+        os.close(os.open(os.path.join(folder, str(n)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        await asyncio.sleep(0.01)
+        return n
+
+
+    @escala.task(kind="io")
+    async def first_run_hangs(marker: str) -> str:
+        """Hang the first time (its node is killed under it); return at once after."""
+        if os.path.exists(marker):
+            return "ran again"
+        open(marker, "w").close()
+        await asyncio.sleep(3600)
+        return "first run"
     '''
 )
 
@@ -131,32 +149,36 @@ def add_key(cwd: pathlib.Path, user: str, *args: str, db: str = "escala.db") -> 
 
 
 class Server:
-    """``escala serve`` in a subprocess, on a free loopback port."""
+    """``escala serve`` in a subprocess, on a free loopback port; or ``escala worker``.
 
-    def __init__(self, cwd: pathlib.Path, *args: str, app: str = "svcapp", db: str = "escala.db"):
+    A server's ``url`` is where it listens; a worker's ``name`` is its owner name on jobs.
+    """
+
+    def __init__(
+        self,
+        cwd: pathlib.Path,
+        *args: str,
+        app: str = "svcapp",
+        db: str = "escala.db",
+        command: str = "serve",
+    ):
         self.cwd = cwd
         self.log: list[str] = []
+        if command == "serve":
+            argv = ["serve", "--app", app, "--port", "0", "--db", db, *args]
+            ready = r"listening on (http://\S+)"
+        else:
+            argv = [command, "--app", app, *args]
+            ready = r"escala worker (\S+):"
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "escala.cli",
-                "serve",
-                "--app",
-                app,
-                "--port",
-                "0",
-                "--db",
-                db,
-                *args,
-            ],
+            [sys.executable, "-m", "escala.cli", *argv],
             cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "NO_COLOR": "1"},
         )
-        self.url = ""
+        self.url = self.name = ""
         announced = threading.Event()
         assert self.process.stderr is not None
         stderr = self.process.stderr
@@ -165,9 +187,9 @@ class Server:
             # reads until the server exits, so that its stderr pipe never fills up
             for line in stderr:
                 self.log.append(line)
-                found = re.search(r"listening on (http://\S+)", line)
+                found = re.search(ready, line)
                 if found:
-                    self.url = found.group(1)
+                    self.url = self.name = found.group(1)
                     announced.set()
             announced.set()
 
@@ -175,7 +197,7 @@ class Server:
         self._reader.start()
         if not announced.wait(60) or not self.url:
             self.kill()
-            raise RuntimeError("the server did not start:\n" + "".join(self.log))
+            raise RuntimeError(f"escala {command} did not start:\n" + "".join(self.log))
 
     @property
     def pid(self) -> int:

@@ -339,7 +339,12 @@ def test_stores_opening_at_once_migrate_once(url: str) -> None:
         tables = conn.execute(
             "SELECT tablename FROM pg_tables WHERE tablename LIKE 'escala%%' ORDER BY 1"
         ).fetchall()
-        assert tables == [("escala_api_keys",), ("escala_jobs",), ("escala_schema",)]
+        assert tables == [
+            ("escala_api_keys",),
+            ("escala_fair",),
+            ("escala_jobs",),
+            ("escala_schema",),
+        ]
 
 
 def test_newer_schemas_are_refused(url: str) -> None:

@@ -47,15 +47,27 @@ def test_claims_take_turns_between_users(pg_url: str) -> None:
     asyncio.run(main())
 
 
-def test_users_with_jobs_running_wait_behind_those_without(pg_url: str) -> None:
+def test_a_user_who_was_idle_comes_back_level_not_owed_the_past(pg_url: str) -> None:
     async def main() -> None:
         async with opened(pg_url) as store:
             ann = await submit(store, "ann", 5)
             assert [j.id for j in await store.claim_next("node-1", 3, 30)] == ann[:3]
             bob = await submit(store, "bob", 3)
-            # ann has three running (on any node): bob's first three come before ann's next
+            # ann has had three turns; bob gets one turn of credit, then they alternate
             took = await store.claim_next("node-2", 4, 30)
-            assert [j.id for j in took] == [*bob, ann[3]]
+            assert [j.id for j in took] == [bob[0], ann[3], bob[1], ann[4]]
+
+    asyncio.run(main())
+
+
+def test_turns_are_remembered_between_claims(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url) as store:
+            ann = await submit(store, "ann", 4)
+            bob = await submit(store, "bob", 4)
+            # one job per claim, as a node with one free slot claims: still alternating
+            took = [(await store.claim_next("w", 1, 30))[0].id for _ in range(6)]
+            assert took == [ann[0], bob[0], ann[1], bob[1], ann[2], bob[2]]
 
     asyncio.run(main())
 
@@ -68,8 +80,14 @@ def test_weights_and_priorities(pg_url: str) -> None:
             bob = await submit(store, "bob", 2)
             urgent = await submit(store, "bob", 1, priority=9)
             took = [j.id for j in await store.claim_next("w", 6, 30)]
-            # turns: ann 0.5, 1, 1.5, 2 (weight 2); bob 1, 2; bob's urgent job leads his
-            assert took == [ann[0], ann[1], urgent[0], ann[2], ann[3], bob[0]]
+            # starts: ann 0, 0.5, 1, 1.5 (weight 2); bob 0, 1, 2, his urgent job first;
+            # equal starts go to the older job
+            assert took == [ann[0], urgent[0], ann[1], ann[2], bob[0], ann[3]]
+            # and one at a time, ann still gets two turns for bob's one
+            await submit(store, "ann", 4)
+            await submit(store, "bob", 4)
+            took = [(await store.claim_next("w", 1, 30))[0].user for _ in range(6)]
+            assert took == ["bob", "ann", "ann", "ann", "bob", "ann"]
 
     asyncio.run(main())
 
@@ -166,7 +184,7 @@ def test_a_store_at_schema_1_is_migrated(pg_url: str) -> None:
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version FROM escala_schema").fetchall() == [(SCHEMA_VERSION,)]
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
-        assert {"escala_jobs_fair", "escala_jobs_running"} <= indexes
+        assert "escala_jobs_fair" in indexes
 
 
 def test_open_store_picks_by_url(tmp_path: pathlib.Path) -> None:

@@ -1,4 +1,4 @@
-"""The service's commands: ``escala serve`` and ``escala keys add | list | remove``.
+"""The service's commands: ``escala serve``, ``escala worker`` and ``escala keys``.
 
 Kept apart from ``cli.py`` so that ``escala demo`` never imports FastAPI or uvicorn.
 """
@@ -20,8 +20,35 @@ from ._cli_common import positive_float as _positive_float
 __all__ = ["add_commands"]
 
 
+_STORE_HELP = "a PostgreSQL URL (postgresql://user@host/db) to share jobs between nodes"
+
+
+def _running_options(parser: argparse.ArgumentParser) -> None:
+    """The options of whatever runs jobs: ``serve`` and ``worker``."""
+    parser.add_argument("--cpu-workers", type=int, help="processes (or Ray CPUs) for CPU tasks")
+    parser.add_argument("--io-limit", type=int, default=256, help="I/O tasks at once")
+    parser.add_argument(
+        "--job-timeout", type=_positive_float, default=300.0, help="seconds per job"
+    )
+    parser.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=30.0,
+        help="seconds before a dead node's running job is run elsewhere",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        help="runs a job gets when the node running it keeps stopping under it",
+    )
+    parser.add_argument(
+        "--grace", type=_positive_float, default=10.0, help="seconds to finish on SIGTERM"
+    )
+
+
 def add_commands(commands: Any) -> None:
-    """Add ``serve`` and ``keys`` to the ``escala`` parser's subcommands."""
+    """Add ``serve``, ``worker`` and ``keys`` to the ``escala`` parser's subcommands."""
 
     serve = commands.add_parser(
         "serve",
@@ -32,14 +59,20 @@ def add_commands(commands: Any) -> None:
     )
     serve.add_argument("--app", required=True, metavar="MODULE", help="module with the tasks")
     serve.add_argument("--db", type=Path, default=Path("escala.db"), help="the SQLite file")
+    serve.add_argument("--store", metavar="URL", help=_STORE_HELP)
+    serve.add_argument(
+        "--executor",
+        default="local",
+        metavar="WHERE",
+        help="where jobs run: local (default), none (escala worker runs them), "
+        "ray or ray://HOST:PORT (CPU tasks on a Ray cluster)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     serve.add_argument(
         "--no-auth", action="store_true", help="no API keys: loopback only, for trying it out"
     )
-    serve.add_argument("--cpu-workers", type=int, help="processes for CPU tasks")
-    serve.add_argument("--io-limit", type=int, default=256, help="I/O tasks at once")
-    serve.add_argument("--job-timeout", type=_positive_float, default=300.0, help="seconds per job")
+    _running_options(serve)
     serve.add_argument("--max-queued", type=int, default=200_000, help="waiting jobs in all")
     serve.add_argument(
         "--max-queued-per-user", type=int, default=100_000, help="waiting jobs per user"
@@ -53,20 +86,30 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--burst", type=int, help="default bucket size per user")
     serve.add_argument("--max-inflight", type=int, default=256, help="HTTP requests at once")
     serve.add_argument(
-        "--max-attempts",
-        type=int,
-        default=5,
-        help="runs a job gets when the server keeps stopping under it",
-    )
-    serve.add_argument(
         "--no-admission",
         action="store_true",
         help="turn admission control off (to see what it buys; not for production)",
     )
-    serve.add_argument(
-        "--grace", type=_positive_float, default=10.0, help="seconds to finish on SIGTERM"
-    )
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the jobs of a shared PostgreSQL store, on any machine",
+        description="Take jobs that escala serve accepted from the PostgreSQL store they "
+        "share, fairest first, and run them: I/O tasks on the event loop and threads, CPU "
+        "tasks in a process pool (or on Ray). Run as many as you like, on as many "
+        "machines; a worker that dies loses its jobs only until their lease expires.",
+    )
+    worker.add_argument("--app", required=True, metavar="MODULE", help="module with the tasks")
+    worker.add_argument("--store", required=True, metavar="URL", help=_STORE_HELP)
+    worker.add_argument(
+        "--executor",
+        default="local",
+        metavar="WHERE",
+        help="local (default), or ray / ray://HOST:PORT for CPU tasks on a Ray cluster",
+    )
+    _running_options(worker)
+    worker.set_defaults(run=_worker)
 
     keys = commands.add_parser(
         "keys",
@@ -75,6 +118,7 @@ def add_commands(commands: Any) -> None:
         "the database keeps only its hash.",
     )
     keys.add_argument("--db", type=Path, default=Path("escala.db"), help="the SQLite file")
+    keys.add_argument("--store", metavar="URL", help=_STORE_HELP)
     actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="make a key for a user and print it once")
     add.add_argument("user", help="the user's name")
@@ -92,62 +136,90 @@ def add_commands(commands: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    return _run(args, "serve")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    return _run(args, "worker")
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
     try:
-        from .service import AppError, ConfigError, ServiceConfig, load_app, serve
+        from .service import AppError, ConfigError, ServiceConfig, load_app, serve, work
     except ImportError as exc:
         raise UsageError(
-            f"escala serve needs its extra ({exc.name} is missing): pip install 'escala[serve]'"
+            f"escala {command} needs its extra ({exc.name} is missing): pip install 'escala[serve]'"
         ) from None
+    from ._errors import EscalaError
     from .store import StoreError
 
     # the app module is the user's, found from the folder they run escala in
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    settings: dict[str, Any] = {
+        "app": args.app,
+        "store": args.store,
+        "executor": args.executor,
+        "cpu_workers": args.cpu_workers,
+        "io_limit": args.io_limit,
+        "job_timeout": args.job_timeout,
+        "lease": args.lease,
+        "grace": args.grace,
+        "max_attempts": args.max_attempts,
+    }
+    if command == "serve":
+        settings |= {
+            "db": args.db,
+            "host": args.host,
+            "port": args.port,
+            "auth": not args.no_auth,
+            "max_queued": args.max_queued,
+            "max_queued_per_user": args.max_queued_per_user,
+            "max_queue_wait": args.max_queue_wait,
+            "rate": args.rate,
+            "burst": args.burst,
+            "max_inflight": args.max_inflight,
+            "admission": not args.no_admission,
+        }
     try:
-        config = ServiceConfig(
-            app=args.app,
-            db=args.db,
-            host=args.host,
-            port=args.port,
-            auth=not args.no_auth,
-            cpu_workers=args.cpu_workers,
-            io_limit=args.io_limit,
-            job_timeout=args.job_timeout,
-            max_queued=args.max_queued,
-            max_queued_per_user=args.max_queued_per_user,
-            max_queue_wait=args.max_queue_wait,
-            rate=args.rate,
-            burst=args.burst,
-            max_inflight=args.max_inflight,
-            grace=args.grace,
-            admission=not args.no_admission,
-            max_attempts=args.max_attempts,
-        )
+        config = ServiceConfig(**settings)
         tasks = load_app(args.app)
-        serve(config, tasks)
+        (serve if command == "serve" else work)(config, tasks)
     except ConfigError as exc:
         # the settings are named as fields; on the command line they are flags
         field, _, rest = str(exc).partition(" ")
         flag = "--" + field.replace("_", "-") if field.isidentifier() else field
         raise UsageError(f"{flag} {rest}") from None
-    except (AppError, StoreError) as exc:
+    except (AppError, StoreError, EscalaError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
 
 
-def _open_store(path: Path) -> Any:
-    from .store.sqlite import SQLiteStore
+def _keys_store(args: argparse.Namespace) -> Any:
+    """The store that ``escala keys`` works on: ``--store``'s URL, else ``--db``'s file."""
+    from .store import StoreError, is_store_url, open_store
 
-    # not exclusive: keys may be managed while a server runs on the same file
-    return SQLiteStore(path, exclusive=False)
+    if args.store is not None and not is_store_url(args.store):
+        raise UsageError(
+            f"--store must be a PostgreSQL URL such as postgresql://user@host:5432/dbname, "
+            f"got {args.store!r} (a SQLite file is given as --db)"
+        )
+    try:
+        # not exclusive: keys may be managed while a server runs on the same file
+        return open_store(args.store or args.db, exclusive=False)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
 
 
-async def _with_store(path: Path, action: Callable[[Any], Any]) -> Any:
+def _shown(store: Any) -> str:
+    return str(getattr(store, "where", None) or getattr(store, "path", "the store"))
+
+
+async def _with_store(store: Any, action: Callable[[Any], Any]) -> Any:
     from .store import StoreError
 
-    store = _open_store(path)
     try:
         await store.open()
         return await action(store)
@@ -167,10 +239,11 @@ def _keys_add(args: argparse.Namespace) -> int:
         raise UsageError(f"--burst must be at least 1, got {args.burst}")
     key = new_key()
     record = ApiKey(args.user, hash_key(key), args.weight, args.rate, args.burst, time.time())
-    asyncio.run(_with_store(args.db, lambda store: store.add_key(record)))
+    store = _keys_store(args)
+    asyncio.run(_with_store(store, lambda store: store.add_key(record)))
     print(key)
     print(
-        f"key for {args.user!r} stored (hashed) in {args.db}; it is shown only now. "
+        f"key for {args.user!r} stored (hashed) in {_shown(store)}; it is shown only now. "
         "Send it as `Authorization: Bearer <key>`.",
         file=sys.stderr,
     )
@@ -178,9 +251,10 @@ def _keys_add(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    records = asyncio.run(_with_store(args.db, lambda store: store.keys()))
+    store = _keys_store(args)
+    records = asyncio.run(_with_store(store, lambda store: store.keys()))
     if not records:
-        print(f"no keys in {args.db}; add one with `escala keys add NAME`", file=sys.stderr)
+        print(f"no keys in {_shown(store)}; add one with `escala keys add NAME`", file=sys.stderr)
     for r in records:
         limit = f"{r.rate:g}/s" if r.rate is not None else "no rate limit"
         print(f"{r.user}\tweight {r.weight:g}\t{limit}")
@@ -188,8 +262,9 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_remove(args: argparse.Namespace) -> int:
-    removed = asyncio.run(_with_store(args.db, lambda store: store.remove_key(args.user)))
+    store = _keys_store(args)
+    removed = asyncio.run(_with_store(store, lambda store: store.remove_key(args.user)))
     if not removed:
-        raise UsageError(f"{args.user!r} has no key in {args.db}")
+        raise UsageError(f"{args.user!r} has no key in {_shown(store)}")
     print(f"key of {args.user!r} removed", file=sys.stderr)
     return 0

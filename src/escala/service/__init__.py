@@ -3,13 +3,15 @@
 The map of this package, from the outside in::
 
     _server   uvicorn, signals, the listening socket
+    _worker   `escala worker`: the same Service without HTTP, on a shared store
     _app      FastAPI routes, auth, body limit, admission middleware (HTTP in, JSON out)
     _core     Service: admission, fair queues, dispatch to escala pools, leases, events
+    _shared   the queue when it lives in a store many nodes share (PostgreSQL)
     _admission  in-flight gate with CoDel timeouts, token buckets, queue-wait deadline
     _fair     weighted deficit round robin across users
     _types    Refused, RunResult, Progress (report_progress), Lifecycle, error shapes
     _auth     API keys (hashed), _metrics (Prometheus, loop lag), _registry (tasks)
-    ../store  where jobs live: SQLite by default
+    ../store  where jobs live: SQLite by default, PostgreSQL for many nodes
 
 The service is a client of escala's public engine (``escala.Pool``), like any user.
 Mount it in an existing app with ``create_app(service, manage=False)`` and run
@@ -27,6 +29,7 @@ from ._registry import load_app as load_app
 from ._server import serve as serve
 from ._types import Refused as Refused
 from ._types import report_progress as report_progress
+from ._worker import work as work
 
 __all__ = [
     "AppError",
@@ -37,4 +40,5 @@ __all__ = [
     "create_app",
     "load_app",
     "serve",
+    "work",
 ]

@@ -22,6 +22,12 @@ class ServiceConfig:
     Attributes:
         app: the module whose ``@escala.task`` functions the service runs (``tasks``).
         db: the SQLite file that holds jobs and API keys.
+        store: a PostgreSQL URL (``postgresql://user@host/dbname``) to keep them in
+            instead, shared with any other ``serve`` and ``worker`` process using it.
+        executor: where this process runs jobs: ``"local"`` (its own process pool and
+            threads), ``"none"`` (it only accepts them; workers run them: needs
+            ``store``), or ``"ray"`` / ``"ray://HOST:PORT"`` (CPU tasks on a Ray cluster;
+            plain ``"ray"`` joins this machine's Ray, or starts one).
         host, port: where to listen (port 0: any free port). Without API keys
             (``auth=False``), only a loopback address.
         auth: ``False`` lets anyone who can connect act as the user ``local``.
@@ -49,6 +55,8 @@ class ServiceConfig:
 
     app: str | None = None
     db: Path = Path("escala.db")
+    store: str | None = None
+    executor: str = "local"
     host: str = "127.0.0.1"
     port: int = 8000
     auth: bool = True
@@ -77,6 +85,8 @@ class ServiceConfig:
             if f.name in {
                 "app",
                 "db",
+                "store",
+                "executor",
                 "host",
                 "port",
                 "auth",
@@ -96,6 +106,20 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
         if self.rate is not None and self.rate <= 0:
             raise ConfigError(f"rate must be positive (jobs per second), got {self.rate!r}")
+        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"store must be a PostgreSQL URL such as postgresql://user@host:5432/dbname, "
+                f"got {self.store!r} (a SQLite file is given as db)"
+            )
+        if self.executor not in ("local", "none", "ray") and not self.executor.startswith("ray://"):
+            raise ConfigError(
+                f"executor must be local, none, ray or ray://HOST:PORT, got {self.executor!r}"
+            )
+        if self.executor == "none" and self.store is None:
+            raise ConfigError(
+                "executor none leaves jobs to `escala worker` processes, which need a store "
+                "they can share: add --store postgresql://..."
+            )
         if not self.auth and not is_loopback(self.host):
             raise ConfigError(
                 f"--no-auth is only allowed on a loopback address, not {self.host!r}: "
@@ -103,8 +127,15 @@ class ServiceConfig:
             )
 
     @property
+    def where(self) -> str | Path:
+        """The store's URL, or the SQLite file."""
+        return self.store if self.store is not None else self.db
+
+    @property
     def cpu_pool_size(self) -> int:
         """Processes for CPU tasks: the usable cores minus the one the web process needs."""
+        if self.executor == "none":
+            return 0
         if self.cpu_workers is not None:
             return self.cpu_workers
         return max(1, usable_cpus() - 1)

@@ -12,6 +12,10 @@ How a job moves (one event loop; the store's I/O on its own threads)::
 
 A job is claimed with a lease that a heartbeat renews; a job whose server died is found
 RUNNING with no living owner at the next start and queued again (at-least-once).
+
+With a store that many nodes share (PostgreSQL), the queue is the store's, not a
+FairQueue's: the dispatcher claims the fairest jobs from it (``SharedQueue``), and only
+``/v1/run`` requests, which are never stored, wait in this node's FairQueue.
 """
 
 from __future__ import annotations
@@ -31,18 +35,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._pool import Pool
-from ..store import Job, JobState, NewJob, Store
+from ..store import Job, JobState, NewJob, Store, is_shared, open_store
 from ._admission import QueueDeadline, TokenBuckets
 from ._auth import Authenticator
 from ._config import ServiceConfig
 from ._fair import FairQueue
 from ._metrics import LoopLagProbe, Metrics
 from ._registry import TaskSpec, specs_of
+from ._shared import POLL, SharedQueue
 from ._types import (
     Lifecycle,
     Progress,
     Refused,
     RunResult,
+    TooManyAttempts,
     cancelled_error,
     error_of,
     reporter,
@@ -75,7 +81,7 @@ class Service:
     Args:
         config: the settings.
         tasks: the tasks to offer, by public name.
-        store: where jobs live; default: a SQLite file at ``config.db``.
+        store: where jobs live; default: the one ``config.store`` or ``config.db`` names.
     """
 
     def __init__(
@@ -85,9 +91,7 @@ class Service:
         store: Store | None = None,
     ) -> None:
         if store is None:
-            from ..store.sqlite import SQLiteStore
-
-            store = SQLiteStore(config.db)
+            store = open_store(config.where)
         self.config = config
         self.store = store
         self.tasks = specs_of(tasks)
@@ -116,6 +120,20 @@ class Service:
         self._probe = LoopLagProbe(self.metrics)
         self._procs: Pool | None = None
         self._threads: Pool | None = None
+        self.shared: SharedQueue | None = None
+        if is_shared(store):
+            self.shared = SharedQueue(
+                store,
+                self.owner,
+                config.lease,
+                {pool: [n for n, s in self.tasks.items() if s.pool == pool] for pool in POOLS},
+                self._deadlines,
+                wake=lambda pool: self._wakes[pool].set(),
+                on_done=self._heard_done,
+                on_cancel=self._heard_cancel,
+            )
+        if config.executor == "none":
+            self._slots = dict.fromkeys(POOLS, 0)
 
     # -- life -------------------------------------------------------------------------
 
@@ -123,18 +141,16 @@ class Service:
         """Start the pools, open the store, queue again what a dead server left, serve."""
         if self.state is not Lifecycle.NEW:
             return
-        cfg = self.config
-        # the process pool forks first, while this process has the fewest threads
-        self._procs = Pool(
-            "processes", cfg.cpu_pool_size, timeout=cfg.job_timeout, initializer=yield_to_the_loop
-        )
-        self._threads = Pool("threads", cfg.io_threads, timeout=cfg.job_timeout)
         try:
+            self._start_pools()
             await self.store.open()
             exclusive = bool(getattr(self.store, "exclusive", False))
             recovered = await self.store.recover(self.owner, all_others=exclusive)
             await self.auth.load()
-            await self._requeue_stored()
+            if self.shared is None:
+                await self._requeue_stored()
+            else:
+                await self.shared.start()
         except BaseException:
             await asyncio.to_thread(self._stop_pools, True)
             with contextlib.suppress(Exception):
@@ -143,9 +159,7 @@ class Service:
         if recovered:
             log.warning("jobs running when the last server stopped, queued again: %d", recovered)
         for pool in POOLS:
-            self.metrics.workers.labels(pool).set(
-                self._slots[pool] if pool == "io" else cfg.cpu_pool_size
-            )
+            self.metrics.workers.labels(pool).set(self._slots[pool])
             self._loops.append(asyncio.create_task(self._dispatch(pool), name=f"escala-{pool}"))
             self._wakes[pool].set()  # jobs loaded from the store wait for it
         self._loops.append(asyncio.create_task(self._heartbeat(), name="escala-heartbeat"))
@@ -179,6 +193,8 @@ class Service:
                     ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
         await self._probe.stop()
         await asyncio.to_thread(self._stop_pools, kill)
+        if self.shared is not None:
+            await self.shared.stop()
         try:
             released = await self.store.release(self.owner, unfinished) if unfinished else 0
             if released:
@@ -192,6 +208,24 @@ class Service:
             "stopped; jobs left unfinished, kept in the store for the next start: %d",
             left + len(unfinished),
         )
+
+    def _start_pools(self) -> None:
+        cfg = self.config
+        if cfg.executor == "none":
+            return
+        if cfg.executor == "local":
+            # the process pool forks first, while this process has the fewest threads
+            self._procs = Pool(
+                "processes",
+                cfg.cpu_pool_size,
+                timeout=cfg.job_timeout,
+                initializer=yield_to_the_loop,
+            )
+        else:
+            address = None if cfg.executor == "ray" else cfg.executor
+            self._procs = Pool("ray", cfg.cpu_workers, timeout=cfg.job_timeout, address=address)
+            self._slots["cpu"] = self._procs.workers  # the cluster's CPUs, unless told
+        self._threads = Pool("threads", cfg.io_threads, timeout=cfg.job_timeout)
 
     def _stop_pools(self, kill: bool) -> None:
         for pool in (self._procs, self._threads):
@@ -267,16 +301,17 @@ class Service:
             raise Refused(
                 429, f"rate limit of {rate:g} jobs/s reached for {user!r}", max(1, math.ceil(wait))
             )
-        queue = self._queues[spec.pool]
-        if queue.depth(user) >= self.config.max_queued_per_user:
+        depth = self._queues[spec.pool].depth(user)
+        total = sum(len(q) for q in self._queues.values())
+        if self.shared is not None:  # jobs queued on every node, as last counted
+            depth += self.shared.depth(user)
+            total += len(self.shared)
+        if depth >= self.config.max_queued_per_user:
             self.metrics.rejected.labels("user_queue").inc()
             raise Refused(
-                429,
-                f"{user!r} already has {queue.depth(user)} jobs waiting, "
-                "the most one user may have",
-                5,
+                429, f"{user!r} already has {depth} jobs waiting, the most one user may have", 5
             )
-        if sum(len(q) for q in self._queues.values()) >= self.config.max_queued:
+        if total >= self.config.max_queued:
             self.metrics.rejected.labels("queue_full").inc()
             raise Refused(503, "the job queue is full", 5)
         deadline = self._deadlines[spec.pool]
@@ -320,8 +355,11 @@ class Service:
                 f"{stored.id} ({stored.task}) with other arguments; use a new key for new work",
             )
         if created:
-            ticket = _Ticket(stored.id, stored.user, spec, time.monotonic())
-            self._queues[spec.pool].push(stored.user, ticket, priority=stored.priority)
+            if self.shared is not None:
+                self.shared.queued(stored.user, spec.pool)  # the store is the queue
+            else:
+                ticket = _Ticket(stored.id, stored.user, spec, time.monotonic())
+                self._queues[spec.pool].push(stored.user, ticket, priority=stored.priority)
             self.metrics.submitted.labels(spec.pool).inc()
             self._wakes[spec.pool].set()
         return stored, created
@@ -342,6 +380,10 @@ class Service:
         """
         spec = self.tasks[task]
         spec.check_arguments(args, kwargs)
+        if not self._slots[spec.pool]:
+            raise Refused(
+                503, "this server only accepts jobs (--executor none): POST /v1/jobs instead"
+            )
         self._admit(user, spec)
         wait = self._expected_wait(spec.pool)
         if wait > timeout:
@@ -395,12 +437,28 @@ class Service:
         spec = self.tasks.get(job.task)
         if spec is not None:
             self._queues[spec.pool].discard(user, lambda t: t.job_id == job_id)
+        self._heard_cancel(job_id)
+        if self.shared is not None:
+            self.shared.cancelled(job_id)  # it may run on another node
+        self._publish(job)
+        return job, True
+
+    def _heard_cancel(self, job_id: str) -> None:
         if (running := self._running.get(job_id)) is not None:
             # async tasks stop at once; a thread or process finishes, its result dropped
             self._cancelled.add(job_id)
             running.cancel()
-        self._publish(job)
-        return job, True
+
+    def _heard_done(self, job_id: str) -> None:
+        if job_id in self._watchers:  # a job that ended elsewhere, with clients here
+            task = asyncio.create_task(self._republish(job_id))
+            self._jobs.add(task)
+            task.add_done_callback(self._jobs.discard)
+
+    async def _republish(self, job_id: str) -> None:
+        with contextlib.suppress(Exception):  # watchers also re-read the job by themselves
+            if (job := await self.store.get(job_id)) is not None:
+                self._publish(job)
 
     async def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | Progress]:
         """Yield the user's job now and at every change, until it ends or ``timeout``.
@@ -427,9 +485,17 @@ class Service:
                 if left <= 0:
                     return
                 try:
-                    change = await asyncio.wait_for(changes.get(), left)
+                    # another node may end it: look again now and then, in case a
+                    # message was lost
+                    wait = left if self.shared is None else min(left, POLL)
+                    change = await asyncio.wait_for(changes.get(), wait)
                 except TimeoutError:
-                    return
+                    if self.shared is None:
+                        continue  # the deadline passed: the loop ends
+                    looked = await self.get(user, job_id)
+                    if looked is None or looked.state is job.state:
+                        continue
+                    change = looked
                 if isinstance(change, Job):
                     job = change
                 yield change
@@ -450,28 +516,44 @@ class Service:
         """Start queued jobs of one pool while it has room, fairest first."""
         queue, wake, deadline = self._queues[pool], self._wakes[pool], self._deadlines[pool]
         while True:
-            await wake.wait()
+            if self.shared is None:
+                await wake.wait()
+            else:  # other nodes queue jobs too: look now and then, in case a message was lost
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), POLL)
             wake.clear()
-            while queue and self._busy[pool] < self._slots[pool]:
+            more = True
+            while more and self._busy[pool] < self._slots[pool]:
                 picked: list[_Ticket] = []
                 now = time.monotonic()
                 while self._busy[pool] + len(picked) < self._slots[pool]:
                     item = queue.pop()
                     if item is None:
-                        deadline.idle()
+                        if self.shared is None:
+                            deadline.idle()
                         break
                     picked.append(item[1])
                     deadline.observe(now - item[1].queued_at)
                 self._busy[pool] += len(picked)
                 stored = [t.job_id for t in picked if t.reply is None]
                 claimed: dict[str, Job] = {}
-                if stored:
-                    try:
+                try:
+                    if stored:
                         jobs = await self.store.claim(stored, self.owner, self.config.lease)
-                    except Exception:
-                        log.exception("claiming jobs failed; they stay queued in the store")
-                        jobs = []
-                    claimed = {job.id: job for job in jobs}
+                        claimed = {one.id: one for one in jobs}
+                    more = bool(queue)
+                    free = self._slots[pool] - self._busy[pool]
+                    if self.shared is not None and free > 0:
+                        # the shared queue: the store picks the fairest jobs of every node
+                        jobs = await self.shared.claim(pool, free)
+                        more = more or len(jobs) == free
+                        self._busy[pool] += len(jobs)
+                        for one in jobs:
+                            claimed[one.id] = one
+                            picked.append(self._ticket_of(one))
+                except Exception:
+                    log.exception("claiming jobs failed; they stay queued in the store")
+                    more = False
                 for ticket in picked:
                     job = claimed.get(ticket.job_id)
                     if ticket.reply is None and job is None:
@@ -480,6 +562,11 @@ class Service:
                     task = asyncio.create_task(self._execute(ticket, job))
                     self._jobs.add(task)
                     task.add_done_callback(self._jobs.discard)
+
+    def _ticket_of(self, job: Job) -> _Ticket:
+        """A ticket for a job claimed from a shared store, dated from when it was queued."""
+        waited = max(0.0, (job.started_at or job.created_at) - job.created_at)
+        return _Ticket(job.id, job.user, self.tasks[job.task], time.monotonic() - waited)
 
     def _call(self, ticket: _Ticket, job: Job | None) -> asyncio.Future[Any]:
         spec = ticket.spec
@@ -508,6 +595,12 @@ class Service:
             self._publish(job)
         outcome: RunResult | None = None
         try:
+            if job is not None and job.attempts > self.config.max_attempts:
+                # claimed again after its node died under it each time: stop there
+                raise TooManyAttempts(
+                    f"the node running this job stopped or crashed each of the "
+                    f"{self.config.max_attempts} times it ran; it is not run again"
+                )
             running = self._call(ticket, job)
             self._running[ticket.job_id] = running
             try:
@@ -560,6 +653,8 @@ class Service:
         except TypeError as exc:
             outcome = RunResult(JobState.FAILED, error=error_of(exc, "the task's result"))
             kept = await self.store.finish(job.id, self.owner, outcome.state, error=outcome.error)
+        if kept and self.shared is not None:
+            self.shared.finished(job.id)
         if kept and job.id in self._watchers:
             # read back what the store recorded, so watchers see the very same job as GET
             finished = await self.store.get(job.id)
@@ -581,10 +676,12 @@ class Service:
         """Bring the queue and in-flight gauges up to date (before a scrape)."""
         for pool in POOLS:
             self.metrics.queued.labels(pool).set(len(self._queues[pool]))
+        if self.shared is not None:  # by user, not by pool: counted once, as cpu
+            self.metrics.queued.labels("cpu").inc(len(self.shared))
 
     def stats(self) -> dict[str, Any]:
         """Return the live figures the dashboard shows."""
-        by_user: dict[str, int] = {}
+        by_user = self.shared.depths() if self.shared is not None else {}
         for queue in self._queues.values():
             for user, depth in queue.depths().items():
                 by_user[user] = by_user.get(user, 0) + depth
@@ -594,6 +691,6 @@ class Service:
             **self.metrics.figures(),
             "queue": {"total": sum(by_user.values()), "users": len(by_user), "by_user": by_user},
             "running": dict(self._busy),
-            "workers": {"cpu": self.config.cpu_pool_size, "io": self._slots["io"]},
+            "workers": dict(self._slots),
             "streams": self._streams,
         }

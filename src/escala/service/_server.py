@@ -89,10 +89,15 @@ async def _serve(
                 "WARNING: no API keys (--no-auth): anyone who can connect to this machine "
                 "acts as user 'local'. Loopback only; never use this on a shared machine."
             )
-        announce(
-            f"escala serve: {len(service.tasks)} tasks, {config.cpu_pool_size} CPU worker "
-            f"processes, jobs in {config.db}"
-        )
+        where = getattr(service.store, "where", config.db)
+        slots = service.stats()["workers"]
+        if config.executor == "none":
+            runs = "runs no jobs itself (--executor none: escala worker runs them)"
+        elif config.executor == "local":
+            runs = f"{slots['cpu']} CPU worker processes"
+        else:
+            runs = f"CPU tasks on Ray ({slots['cpu']} CPUs)"
+        announce(f"escala serve: {len(service.tasks)} tasks, {runs}, jobs in {where}")
         announce(f"listening on {url}  (dashboard {url}/, API docs {url}/docs)")
         await server.serve(sockets=[sock])
     finally:

@@ -17,6 +17,7 @@ __all__ = [
     "Progress",
     "Refused",
     "RunResult",
+    "TooManyAttempts",
     "cancelled_error",
     "error_of",
     "report_progress",
@@ -35,6 +36,10 @@ class Refused(Exception):
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+
+
+class TooManyAttempts(Exception):
+    """A job whose server stopped or crashed under it too many times: it runs no more."""
 
 
 class Lifecycle(enum.Enum):

@@ -219,8 +219,9 @@ class SharedStore(Store, Protocol):
     ) -> list[Job]:
         """Claim up to ``n`` QUEUED jobs, fairest first, so that no two nodes get one job.
 
-        Fairest: each user's next job ranks by the jobs that user already has running
-        plus its place in the user's own queue, divided by the user's weight.
+        Fairest: users take turns, each turn worth ``1 / weight`` of the user's key, and
+        the turns are counted across every node (a user's service so far is in the
+        store); a user who was idle comes back level with the others, not ahead.
         """
 
     async def backlog(self) -> list[Backlog]:

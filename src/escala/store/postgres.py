@@ -16,9 +16,9 @@ only. A node that dies stops heartbeating; its leases expire and any node's ``re
 puts its jobs back in the queue.
 
 ``claim_next`` is fair between users in SQL, so that the fairness holds across every
-node and not within each one: each user's queued jobs are ranked (``row_number`` per
-user), and a user's next job comes in turn ``(jobs it has running + its rank) / weight``.
-A user with many jobs running waits behind one who has none, whichever node runs them.
+node and not within each one: start-time fair queuing on a virtual time per user
+(``escala_fair``), each turn worth ``1 / weight``. Users with equal weights take turns,
+a user of weight 2 gets two turns for one, whichever nodes run the jobs.
 Nodes tell each other of new, finished and cancelled jobs with ``NOTIFY`` on the
 ``escala`` channel; a node also polls, so a lost message only delays.
 
@@ -85,7 +85,10 @@ _MIGRATIONS: list[list[str]] = [
         # what the fair claim ranks: each user's queue, best first
         """CREATE INDEX escala_jobs_fair ON escala_jobs ("user", priority DESC, created_at, seq)
             WHERE state = 'queued'""",
-        "CREATE INDEX escala_jobs_running ON escala_jobs (\"user\") WHERE state = 'running'",
+        # each user's virtual time: how much service it has had, in turns / weight
+        """CREATE TABLE escala_fair (
+            "user" text PRIMARY KEY, vtime double precision NOT NULL,
+            charged double precision NOT NULL)""",
     ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -127,41 +130,70 @@ _CLAIM = (
     f"owner = %s, lease_until = {_NOW} + %s WHERE id = ANY(%s) AND state = 'queued' "
     f"RETURNING {_COLUMNS}"
 )
-# The fair claim, in one statement:
+# The fair claim is start-time fair queuing, in one statement. Each user has a virtual
+# time (escala_fair.vtime): the turns it has been given, each worth 1 / its key's weight.
+# A user's k-th queued job starts at  max(vtime, floor) + (k - 1) / weight,  and the jobs
+# with the earliest starts are claimed. ``floor`` (the latest virtual time among users
+# with queued jobs, less one turn) keeps a user who was idle from being owed the past:
+# it comes back level with the others, not ahead of them for hours.
 #   users    each user with queued jobs: a skip scan of escala_jobs_fair, one index probe
 #            per user, however long the queue;
 #   ranked   each user's first jobs, best first (an index range per user, no sort);
-#   fair     every user's next jobs in turns of (jobs running + rank) / weight;
-#   next     the first n of those turns that no other claimer has locked.
+#   fair     their start times, in order;
+#   next     the first n that no other claimer has locked (SKIP LOCKED);
+#   claimed  those jobs, now RUNNING;
+#   charged  each claimed user's virtual time moved on, in user order (so that claimers
+#            running at once lock the rows of escala_fair in one order: no deadlock).
 # A window function cannot sit beside FOR UPDATE in one SELECT, hence the CTEs. Each user
 # offers more candidates than one claim can take (per_user > n), so that claimers running
 # at once, who lock the first turns, still find the next ones; the LIMIT on ``fair`` also
 # tells the planner that few rows come out of it, so it probes them by primary key
 # instead of scanning the table.
-_CLAIM_NEXT = (
-    "WITH RECURSIVE users AS ("
-    "(SELECT \"user\" FROM escala_jobs WHERE state = 'queued' ORDER BY \"user\" LIMIT 1) "
-    "UNION ALL SELECT (SELECT j.\"user\" FROM escala_jobs j WHERE j.state = 'queued' "
-    "AND j.\"user\" > users.\"user\" ORDER BY j.\"user\" LIMIT 1) "
-    "FROM users WHERE users.\"user\" IS NOT NULL), "
-    "running AS (SELECT \"user\", count(*) AS n FROM escala_jobs "
-    "WHERE state = 'running' GROUP BY \"user\"), "
-    "ranked AS (SELECT users.\"user\", c.* FROM users CROSS JOIN LATERAL ("
-    "SELECT id, created_at, seq, row_number() OVER ("
-    "ORDER BY priority DESC, created_at, seq) AS rank FROM ("
-    "SELECT id, priority, created_at, seq FROM escala_jobs j "
-    "WHERE j.\"user\" = users.\"user\" AND j.state = 'queued'{tasks} "
-    "ORDER BY priority DESC, created_at, seq LIMIT %(per_user)s) AS mine) AS c), "
-    "fair AS (SELECT r.id, row_number() OVER (ORDER BY "
-    "(coalesce(u.n, 0) + r.rank) / coalesce(k.weight, 1.0), r.created_at, r.seq) AS turn "
-    "FROM ranked r LEFT JOIN running u USING (\"user\") "
-    "LEFT JOIN escala_api_keys k USING (\"user\") ORDER BY turn LIMIT %(per_user)s), "
-    "next AS (SELECT j.id, f.turn FROM fair f JOIN escala_jobs j ON j.id = f.id "
-    "WHERE j.state = 'queued' ORDER BY f.turn LIMIT %(n)s FOR UPDATE OF j SKIP LOCKED) "
-    f"UPDATE escala_jobs j SET state = 'running', attempts = attempts + 1, "
-    f"started_at = {_NOW}, owner = %(owner)s, lease_until = {_NOW} + %(lease)s FROM next "
-    f"WHERE j.id = next.id RETURNING {', '.join('j.' + f for f in _FIELDS)}, next.turn"
+_CLAIM_NEXT = f"""
+WITH RECURSIVE users AS (
+    (SELECT "user" FROM escala_jobs WHERE state = 'queued' ORDER BY "user" LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j."user" FROM escala_jobs j WHERE j.state = 'queued'
+            AND j."user" > users."user" ORDER BY j."user" LIMIT 1)
+    FROM users WHERE users."user" IS NOT NULL
+), vt AS (
+    SELECT users."user", coalesce(f.vtime, 0) AS vtime, coalesce(k.weight, 1.0) AS weight
+    FROM users LEFT JOIN escala_fair f USING ("user") LEFT JOIN escala_api_keys k USING ("user")
+    WHERE users."user" IS NOT NULL
+), floor AS (
+    SELECT coalesce(max(vtime), 0) - 1 AS v FROM vt
+), ranked AS (
+    SELECT vt."user", vt.weight, greatest(vt.vtime, floor.v) AS start, c.*
+    FROM vt CROSS JOIN floor CROSS JOIN LATERAL (
+        SELECT id, created_at, seq,
+               row_number() OVER (ORDER BY priority DESC, created_at, seq) AS rank
+        FROM (SELECT id, priority, created_at, seq FROM escala_jobs j
+              WHERE j."user" = vt."user" AND j.state = 'queued'{{tasks}}
+              ORDER BY priority DESC, created_at, seq LIMIT %(per_user)s) AS mine
+    ) AS c
+), fair AS (
+    SELECT id, "user", start, weight,
+           row_number() OVER (ORDER BY start + (rank - 1) / weight, created_at, seq) AS turn
+    FROM ranked ORDER BY turn LIMIT %(per_user)s
+), next AS (
+    SELECT j.id, f.turn, f."user", f.start, f.weight
+    FROM fair f JOIN escala_jobs j ON j.id = f.id
+    WHERE j.state = 'queued' ORDER BY f.turn LIMIT %(n)s FOR UPDATE OF j SKIP LOCKED
+), claimed AS (
+    UPDATE escala_jobs j SET state = 'running', attempts = attempts + 1,
+        started_at = {_NOW}, owner = %(owner)s, lease_until = {_NOW} + %(lease)s
+    FROM next WHERE j.id = next.id
+    RETURNING {", ".join("j." + f for f in _FIELDS)}, next.turn
+), charged AS (
+    -- vtime = max(vtime, floor) + k / weight, also when another claimer moved it meanwhile
+    INSERT INTO escala_fair ("user", vtime, charged)
+    SELECT "user", min(start) + count(*) / min(weight), count(*) / min(weight)
+    FROM next GROUP BY "user" ORDER BY "user"
+    ON CONFLICT ("user") DO UPDATE SET charged = EXCLUDED.charged,
+        vtime = greatest(escala_fair.vtime + EXCLUDED.charged, EXCLUDED.vtime)
 )
+SELECT * FROM claimed
+"""
 _BACKLOG = (
     f'SELECT "user", task, count(*), {_NOW} - min(created_at) FROM escala_jobs '
     "WHERE state = 'queued' GROUP BY \"user\", task"
@@ -265,6 +297,15 @@ class PostgresStore:
         self._state = "new"  # new -> open -> closed
         self._pool: AsyncConnectionPool | None = None
 
+    @property
+    def where(self) -> str:
+        """Where the store is, for messages: ``PostgreSQL at host:port/dbname``, no password."""
+        try:
+            dbname = conninfo_to_dict(self.url).get("dbname") or "?"
+        except psycopg.Error:
+            dbname = "?"
+        return f"PostgreSQL at {_where(self.url)}/{dbname}"
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -366,9 +407,7 @@ class PostgresStore:
         async with self._conn() as conn:
             return await (await conn.execute(query, params)).fetchone()
 
-    async def _all(
-        self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
-    ) -> list[Any]:
+    async def _all(self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
         async with self._conn() as conn:
             return await (await conn.execute(query, params)).fetchall()
 
@@ -417,9 +456,9 @@ class PostgresStore:
     ) -> list[Job]:
         """Take up to ``n`` QUEUED jobs, fairest first, and mark them RUNNING for ``owner``.
 
-        Fairest: a user's next job comes in turn ``(jobs the user has running + its rank
-        in the user's queue) / the user's key weight``; within one user, higher priority
-        first, then oldest. Safe against every other node doing the same at once: rows
+        Fairest: the earliest start in virtual time (start-time fair queuing, each turn
+        worth ``1 / the user's key weight``); within one user, higher priority first,
+        then oldest. Safe against every other node doing the same at once: rows
         another claimer has locked are skipped, not waited for, so no job is claimed twice.
 
         Args:
