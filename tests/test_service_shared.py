@@ -84,9 +84,7 @@ def test_two_workers_never_run_the_same_job(app: pathlib.Path, pg_url: str) -> N
     assert {j["attempts"] for j in jobs} == {1}
 
 
-def test_kill_9_of_a_worker_mid_job_and_another_finishes_it(
-    app: pathlib.Path, pg_url: str
-) -> None:
+def test_kill_9_of_a_worker_mid_job_and_another_finishes_it(app: pathlib.Path, pg_url: str) -> None:
     marker = app / "started"
     with (
         serving(app, "--no-auth", "--store", pg_url, "--executor", "none") as server,
@@ -130,10 +128,12 @@ def test_a_restart_of_everything_loses_no_accepted_job(app: pathlib.Path, pg_url
         with psycopg.connect(pg_url, autocommit=True) as conn:
             # until some jobs are done and some are running: then kill everything
             _until_true(
-                lambda: conn.execute(
-                    "SELECT count(*) >= 20 FROM escala_jobs WHERE state = 'succeeded'"
-                ).fetchone()
-                == (True,)
+                lambda: (
+                    conn.execute(
+                        "SELECT count(*) >= 20 FROM escala_jobs WHERE state = 'succeeded'"
+                    ).fetchone()
+                    == (True,)
+                )
             )
         for node in [*nodes, server]:
             node.kill()
