@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -34,11 +33,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .._pool import Pool
 from ..store import Job, JobState, NewJob, Store, is_shared, open_store
 from ._admission import QueueDeadline, TokenBuckets
 from ._auth import Authenticator
 from ._config import ServiceConfig
+from ._events import Watchers
+from ._executor import Executor
 from ._fair import FairQueue
 from ._metrics import LoopLagProbe, Metrics
 from ._registry import TaskSpec, specs_of
@@ -51,8 +51,6 @@ from ._types import (
     TooManyAttempts,
     cancelled_error,
     error_of,
-    reporter,
-    yield_to_the_loop,
 )
 
 __all__ = ["Service"]
@@ -104,7 +102,8 @@ class Service:
         }
         # one job per CPU worker: a job waits in the fair queue, where a deadline or a
         # cancel can still drop it, and is RUNNING only once a worker can run it
-        self._slots = {"cpu": config.cpu_pool_size, "io": config.io_limit}
+        self.executor = Executor(config, self._progress)
+        self._slots = self.executor.slots
         # recent run time per pool (EWMA), to tell a request that cannot be served in time
         self._service_time = dict.fromkeys(POOLS, 0.0)
         self._busy = dict.fromkeys(POOLS, 0)
@@ -115,11 +114,10 @@ class Service:
         self._cancelled: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._watchers: dict[str, set[asyncio.Queue[Job | Progress]]] = {}
-        self._streams = 0
+        self.watchers = Watchers(
+            self.get, config.max_streams, poll=POLL if is_shared(store) else None
+        )
         self._probe = LoopLagProbe(self.metrics)
-        self._procs: Pool | None = None
-        self._threads: Pool | None = None
         self.shared: SharedQueue | None = None
         if is_shared(store):
             self.shared = SharedQueue(
@@ -132,8 +130,6 @@ class Service:
                 on_done=self._heard_done,
                 on_cancel=self._heard_cancel,
             )
-        if config.executor == "none":
-            self._slots = dict.fromkeys(POOLS, 0)
 
     # -- life -------------------------------------------------------------------------
 
@@ -142,7 +138,7 @@ class Service:
         if self.state is not Lifecycle.NEW:
             return
         try:
-            self._start_pools()
+            self.executor.start()
             await self.store.open()
             exclusive = bool(getattr(self.store, "exclusive", False))
             recovered = await self.store.recover(self.owner, all_others=exclusive)
@@ -152,7 +148,7 @@ class Service:
             else:
                 await self.shared.start()
         except BaseException:
-            await asyncio.to_thread(self._stop_pools, True)
+            await asyncio.to_thread(self.executor.stop, True)
             with contextlib.suppress(Exception):
                 await self.store.close()
             raise
@@ -192,7 +188,7 @@ class Service:
                 if ticket.reply is not None and not ticket.reply.done():
                     ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
         await self._probe.stop()
-        await asyncio.to_thread(self._stop_pools, kill)
+        await asyncio.to_thread(self.executor.stop, kill)
         if self.shared is not None:
             await self.shared.stop()
         try:
@@ -208,29 +204,6 @@ class Service:
             "stopped; jobs left unfinished, kept in the store for the next start: %d",
             left + len(unfinished),
         )
-
-    def _start_pools(self) -> None:
-        cfg = self.config
-        if cfg.executor == "none":
-            return
-        if cfg.executor == "local":
-            # the process pool forks first, while this process has the fewest threads
-            self._procs = Pool(
-                "processes",
-                cfg.cpu_pool_size,
-                timeout=cfg.job_timeout,
-                initializer=yield_to_the_loop,
-            )
-        else:
-            address = None if cfg.executor == "ray" else cfg.executor
-            self._procs = Pool("ray", cfg.cpu_workers, timeout=cfg.job_timeout, address=address)
-            self._slots["cpu"] = self._procs.workers  # the cluster's CPUs, unless told
-        self._threads = Pool("threads", cfg.io_threads, timeout=cfg.job_timeout)
-
-    def _stop_pools(self, kill: bool) -> None:
-        for pool in (self._procs, self._threads):
-            if pool is not None:
-                pool.terminate() if kill else pool.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -440,7 +413,7 @@ class Service:
         self._heard_cancel(job_id)
         if self.shared is not None:
             self.shared.cancelled(job_id)  # it may run on another node
-        self._publish(job)
+        self.watchers.publish(job)
         return job, True
 
     def _heard_cancel(self, job_id: str) -> None:
@@ -450,7 +423,7 @@ class Service:
             running.cancel()
 
     def _heard_done(self, job_id: str) -> None:
-        if job_id in self._watchers:  # a job that ended elsewhere, with clients here
+        if job_id in self.watchers:  # a job that ended elsewhere, with clients here
             task = asyncio.create_task(self._republish(job_id))
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
@@ -458,57 +431,15 @@ class Service:
     async def _republish(self, job_id: str) -> None:
         with contextlib.suppress(Exception):  # watchers also re-read the job by themselves
             if (job := await self.store.get(job_id)) is not None:
-                self._publish(job)
+                self.watchers.publish(job)
 
-    async def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | Progress]:
+    def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | Progress]:
         """Yield the user's job now and at every change, until it ends or ``timeout``.
 
         Between changes of state, yields the ``Progress`` its task reports. Yields
         nothing for a job that is missing or someone else's.
         """
-        if self._streams >= self.config.max_streams:
-            raise Refused(503, "too many open event streams and long-polls", 1)
-        changes: asyncio.Queue[Job | Progress] = asyncio.Queue()
-        watchers = self._watchers.setdefault(job_id, set())
-        watchers.add(changes)
-        self._streams += 1
-        deadline = time.monotonic() + timeout
-        try:
-            job = await self.get(user, job_id)
-            if job is None:
-                return
-            yield job
-            while not job.state.final:
-                # a deadline per wait, not a timeout around the yields: a timeout would
-                # fire in the consumer's code while it handles what was yielded
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                try:
-                    # another node may end it: look again now and then, in case a
-                    # message was lost
-                    wait = left if self.shared is None else min(left, POLL)
-                    change = await asyncio.wait_for(changes.get(), wait)
-                except TimeoutError:
-                    if self.shared is None:
-                        continue  # the deadline passed: the loop ends
-                    looked = await self.get(user, job_id)
-                    if looked is None or looked.state is job.state:
-                        continue
-                    change = looked
-                if isinstance(change, Job):
-                    job = change
-                yield change
-        finally:
-            self._streams -= 1
-            watchers.discard(changes)
-            if not watchers:
-                self._watchers.pop(job_id, None)
-
-    def _publish(self, change: Job | Progress) -> None:
-        job_id = change.id if isinstance(change, Job) else change.job_id
-        for changes in self._watchers.get(job_id, ()):
-            changes.put_nowait(change)
+        return self.watchers.watch(user, job_id, timeout)
 
     # -- running jobs ---------------------------------------------------------------------
 
@@ -568,23 +499,8 @@ class Service:
         waited = max(0.0, (job.started_at or job.created_at) - job.created_at)
         return _Ticket(job.id, job.user, self.tasks[job.task], time.monotonic() - waited)
 
-    def _call(self, ticket: _Ticket, job: Job | None) -> asyncio.Future[Any]:
-        spec = ticket.spec
-        args, kwargs = (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
-        if spec.is_async:
-            # the task runs in a copy of this context: report_progress() finds its job there
-            token = reporter.set(functools.partial(self._progress, ticket.job_id))
-            try:
-                coro = asyncio.wait_for(spec.fn(*args, **kwargs), self.config.job_timeout)
-                return asyncio.ensure_future(coro)
-            finally:
-                reporter.reset(token)
-        pool = self._procs if spec.pool == "cpu" else self._threads
-        assert pool is not None
-        return asyncio.wrap_future(pool.submit(spec.fn, *args, **kwargs))
-
     def _progress(self, job_id: str, done: float, note: str) -> None:
-        self._publish(Progress(job_id, done, note))
+        self.watchers.publish(Progress(job_id, done, note))
 
     async def _execute(self, ticket: _Ticket, job: Job | None) -> None:
         pool = ticket.spec.pool
@@ -592,7 +508,7 @@ class Service:
         waited = started - ticket.queued_at
         self.metrics.running.labels(pool).inc()
         if job is not None:
-            self._publish(job)
+            self.watchers.publish(job)
         outcome: RunResult | None = None
         try:
             if job is not None and job.attempts > self.config.max_attempts:
@@ -601,7 +517,10 @@ class Service:
                     f"the node running this job stopped or crashed each of the "
                     f"{self.config.max_attempts} times it ran; it is not run again"
                 )
-            running = self._call(ticket, job)
+            args, kwargs = (
+                (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
+            )
+            running = self.executor.call(ticket.job_id, ticket.spec, args, kwargs)
             self._running[ticket.job_id] = running
             try:
                 value = await running
@@ -655,11 +574,11 @@ class Service:
             kept = await self.store.finish(job.id, self.owner, outcome.state, error=outcome.error)
         if kept and self.shared is not None:
             self.shared.finished(job.id)
-        if kept and job.id in self._watchers:
+        if kept and job.id in self.watchers:
             # read back what the store recorded, so watchers see the very same job as GET
             finished = await self.store.get(job.id)
             if finished is not None:
-                self._publish(finished)
+                self.watchers.publish(finished)
 
     async def _heartbeat(self) -> None:
         """Renew the leases of running jobs, so that nobody takes them while they run."""
@@ -692,5 +611,5 @@ class Service:
             "queue": {"total": sum(by_user.values()), "users": len(by_user), "by_user": by_user},
             "running": dict(self._busy),
             "workers": dict(self._slots),
-            "streams": self._streams,
+            "streams": self.watchers.count,
         }
