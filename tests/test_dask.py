@@ -100,6 +100,15 @@ def test_address_needs_dask_mode() -> None:
         escala.map(abs, [1], mode="threads", address="tcp://127.0.0.1:1")
 
 
+def test_an_unreachable_scheduler_is_reported_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("escala.backends.dask.CONNECT_TIMEOUT", 1)
+    with pytest.raises(escala.EscalaError, match="could not reach the Dask scheduler"):
+        escala.map(abs, [1], mode="dask", address="tcp://127.0.0.1:1")
+    # nothing_left_behind fails the test if the client's event loop thread survives
+
+
 def test_a_killed_worker_is_not_an_application_error(dask_cluster: Any) -> None:
     with dask_cluster.as_current():
         outcomes = escala.map(sigkill_on_two, range(6), mode="dask", errors="collect")

@@ -8,6 +8,7 @@ says so. Leases are short (2 s) so that a dead node's jobs come back quickly.
 from __future__ import annotations
 
 import pathlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -227,3 +228,17 @@ def test_mistakes_get_one_line_errors(app: pathlib.Path, pg_url: str) -> None:
         assert done.returncode == 2, (argv, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     add_key(app, "local-user")  # the SQLite file still works as before
+
+
+def test_a_server_hands_cpu_tasks_to_ray(app: pathlib.Path) -> None:
+    pytest.importorskip("ray")
+    with serving(app, "--no-auth", "--executor", "ray", "--cpu-workers", "1") as server:
+        with server.client() as client:
+            assert wait(client, submit(client, "square", 7))["result"] == 49
+            ran = client.post("/v1/run/pid", json={}).json()
+            assert ran["state"] == "succeeded" and ran["result"] != server.pid
+            assert client.get("/v1/stats").json()["workers"]["cpu"] == 1
+        assert "CPU tasks on Ray (1 CPU)" in server.text()
+        # Ray's own SIGTERM handler ends the process with status 15 once it has stopped
+        assert server.stop() in (0, 15, -signal.SIGTERM)
+        assert "stopped; jobs left unfinished" in server.text()

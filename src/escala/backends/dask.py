@@ -113,6 +113,7 @@ class DaskBackend(RemoteBackend):
         self._client: Any = None
         if address is not None:
             try:
+                _reach(address)
                 self._client = distributed.Client(
                     address, timeout=CONNECT_TIMEOUT, set_as_default=False
                 )
@@ -426,6 +427,31 @@ class DaskBackend(RemoteBackend):
             )
         error = TaskTimeout(message, index=index, timeout=timeout, stopped=stoppable)
         self._fill(piece, error)
+
+
+def _reach(address: str) -> None:
+    """Connect to a scheduler once and hang up, on an event loop of escala's own.
+
+    A ``distributed.Client`` that cannot connect raises from its constructor and leaves
+    its event loop's thread ("IO loop") running for the life of the process; an address
+    that cannot be reached fails here first, and leaves nothing behind.
+
+    Raises:
+        OSError: nothing answered at ``address`` within ``CONNECT_TIMEOUT``.
+    """
+    from distributed.comm import connect
+    from distributed.utils import LoopRunner
+
+    async def hello() -> None:
+        comm = await connect(address, timeout=CONNECT_TIMEOUT)
+        await comm.close()
+
+    runner = LoopRunner()
+    runner.start()
+    try:
+        runner.run_sync(hello)
+    finally:
+        runner.stop()
 
 
 def _threads(client: Any) -> int:

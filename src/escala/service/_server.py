@@ -96,7 +96,7 @@ async def _serve(
         elif config.executor == "local":
             runs = f"{slots['cpu']} CPU worker processes"
         else:
-            runs = f"CPU tasks on Ray ({slots['cpu']} CPUs)"
+            runs = f"CPU tasks on Ray ({slots['cpu']} CPU{'s' * (slots['cpu'] != 1)})"
         announce(f"escala serve: {len(service.tasks)} tasks, {runs}, jobs in {where}")
         announce(f"listening on {url}  (dashboard {url}/, API docs {url}/docs)")
         await server.serve(sockets=[sock])
