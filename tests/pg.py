@@ -52,8 +52,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def server() -> Iterator[str]:
-    """Yield the URL of a PostgreSQL server's ``postgres`` database, superuser, no password."""
+def server(*, durable: bool = False) -> Iterator[str]:
+    """Yield the URL of a PostgreSQL server's ``postgres`` database, superuser, no password.
+
+    ``durable`` keeps PostgreSQL's fsync on (for benchmarks that compare durable stores);
+    by default the throwaway server skips it, for speed.
+    """
     url = os.environ.get(URL_VARIABLE)
     if url:
         yield url
@@ -89,10 +93,9 @@ def server() -> Iterator[str]:
                 f"{logged}"
             )
 
-    options = (
-        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200 "
-        "-c fsync=off -c full_page_writes=off"  # a throwaway cluster: speed over safety
-    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    if not durable:
+        options += " -c fsync=off -c full_page_writes=off"  # throwaway: speed over safety
     try:
         pg(initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         pg(pg_ctl, "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start")
