@@ -10,12 +10,17 @@ import re
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import escala
-from escala.advisor import Reason
+from escala._options import engine_of
+from escala.advisor import Cluster, Measurements, Reason
+from escala.advisor._decide import decide, decide_cluster
 
 # -- workloads of known shape -----------------------------------------------------------
 
@@ -297,3 +302,186 @@ def test_auto_with_workers_given_keeps_them() -> None:
 def test_a_pool_needs_a_mode_of_its_own() -> None:
     with pytest.raises(ValueError, match="A Pool keeps one kind of worker"):
         escala.Pool(mode="auto")
+
+
+# -- a cluster named by address= -----------------------------------------------------------
+# The decision is a pure function of measured figures, so it is tested here with figures of
+# a cluster bigger than this machine; test_dask.py and test_ray.py weigh the real local
+# clusters of the session (as many cores as this machine: what they can promise is less).
+
+
+def _measurements(
+    wall: float, total: int, *, samples: int = 2, picklable: bool = True
+) -> Measurements:
+    """What sampling computing Python that holds the GIL would measure on two cores."""
+    return Measurements(
+        samples=samples,
+        lower_bound=False,
+        wall=wall,
+        cpu=wall,
+        queued=0.0,
+        gil_held=True,
+        gil_wait=0.004,
+        free_threaded=False,
+        arg_bytes=5,
+        result_bytes=5,
+        picklable=picklable,
+        total=total,
+        cores=2,
+        overhead={"threads-task": 20e-6, "processes-start": 0.03, "processes-task": 40e-6},
+    )
+
+
+RAY_16 = Cluster("ray", "10.0.0.5:6379", cores=16, overhead=1.2e-3, start=0.35)
+
+
+def _weigh(
+    wall: float,
+    total: int,
+    cluster: Cluster = RAY_16,
+    *,
+    picklable: bool = True,
+    workers: int | None = None,
+) -> escala.Advice:
+    m = _measurements(wall, total, picklable=picklable)
+    return decide_cluster(decide(m, total - m.samples), cluster, total - m.samples, workers)
+
+
+def test_long_tasks_go_to_a_cluster_that_pays_for_its_overhead() -> None:
+    advice = _weigh(0.2, 402)
+    assert (advice.mode, advice.reason, advice.workers) == ("ray", Reason.CLUSTER, 16)
+    assert advice.cluster is not None and advice.cluster.local_mode == "processes"
+    assert advice.cluster.predicted * 1.25 <= advice.cluster.local
+    text = advice.explain()
+    assert "The Ray cluster at 10.0.0.5:6379 has 16 CPUs and costs 1.2 ms per task" in text
+    assert "these tasks take 200.0 ms each" in text
+    assert "with processes here. The cluster was chosen, 16 tasks at once." in text
+
+
+def test_short_tasks_stay_here_and_the_overhead_is_named() -> None:
+    advice = _weigh(50e-6, 802)  # 40 ms of work in all: less than the cluster's start
+    assert advice.mode != "ray"
+    assert advice.cluster is not None and advice.cluster.overhead_share > 0.9
+    text = advice.explain()
+    assert "has 16 CPUs but costs 1.2 ms per task handed to it, plus 350.0 ms" in text
+    assert "these tasks take 50 µs each" in text
+    assert re.search(r"it would spend 9\d% of its time on overhead", text)
+    assert f"so {advice.mode} was chosen here." in text
+
+
+def test_a_cluster_no_bigger_than_this_machine_does_not_pay() -> None:
+    same = replace(RAY_16, cores=2, overhead=1e-3, start=0.05)
+    advice = _weigh(0.2, 402, same)
+    assert advice.mode == "processes"
+    assert "has 2 CPUs but costs 1.0 ms" in advice.explain()
+
+
+def test_a_cluster_must_win_by_a_margin() -> None:
+    # slightly sooner than processes here, but not by CLUSTER_GAIN
+    close = replace(RAY_16, cores=2, overhead=0.0, start=0.0)
+    advice = _weigh(0.2, 402, close)
+    assert advice.mode == "processes"
+    assert advice.cluster is not None
+    assert advice.cluster.predicted < advice.cluster.local < 1.25 * advice.cluster.predicted
+    assert "not the 1.25× sooner a cluster must promise" in advice.explain()
+
+
+def test_work_that_cannot_be_pickled_never_goes_to_a_cluster() -> None:
+    advice = _weigh(0.2, 402, picklable=False)
+    assert advice.mode == "sequential"
+    assert "cannot be pickled, so they cannot be sent to it" in advice.explain()
+
+
+def test_the_callers_workers_cap_the_cluster() -> None:
+    advice = _weigh(0.2, 402, workers=4)
+    assert (advice.mode, advice.workers) == ("ray", 4)
+
+
+def test_a_dask_cluster_is_counted_in_worker_threads() -> None:
+    dask = replace(RAY_16, engine="dask", address="tcp://10.0.0.5:8786")
+    text = _weigh(0.2, 402, dask).explain()
+    assert "The Dask cluster at tcp://10.0.0.5:8786 has 16 worker threads and costs" in text
+
+
+@given(
+    wall=st.floats(min_value=1e-8, max_value=10.0),
+    total=st.integers(min_value=3, max_value=10_000_000),
+    cores=st.integers(min_value=1, max_value=4096),
+    overhead=st.floats(min_value=0.0, max_value=1.0),
+    start=st.floats(min_value=0.0, max_value=30.0),
+    workers=st.one_of(st.none(), st.integers(min_value=1, max_value=64)),
+)
+def test_property_the_cluster_wins_only_by_a_margin_it_can_keep(
+    wall: float, total: int, cores: int, overhead: float, start: float, workers: int | None
+) -> None:
+    """Whatever the figures: the cluster is chosen only when this machine's prediction is
+    CLUSTER_GAIN × the cluster's, never for a job shorter here than the cluster's start,
+    never with more tasks at once than the cluster or the caller allow."""
+    cluster = Cluster("dask", "tcp://10.0.0.5:8786", cores=cores, overhead=overhead, start=start)
+    advice = _weigh(wall, total, cluster, workers=workers)
+    weighed = advice.cluster
+    assert weighed is not None and weighed.reached
+    if advice.mode == "dask":
+        assert advice.reason is Reason.CLUSTER
+        assert weighed.local >= 1.25 * weighed.predicted
+        assert weighed.local >= 1.25 * start
+        assert 1 <= advice.workers <= min(cores, workers or cores)
+    else:
+        assert advice.reason is not Reason.CLUSTER
+    assert "cluster at tcp://10.0.0.5:8786" in advice.explain()
+
+
+def test_without_measurements_the_cluster_is_not_weighed() -> None:
+    @escala.task(kind="cpu")
+    def crunch(x: int) -> int:
+        return x
+
+    advice = escala.advise(crunch, range(10), address="tcp://127.0.0.1:1")  # never contacted
+    assert advice.cluster is not None and not advice.cluster.reached
+    assert "The Dask cluster at tcp://127.0.0.1:1 was not weighed: nothing was measured" in (
+        advice.explain()
+    )
+    coroutine = escala.advise(await_a_bit, range(10), address="127.0.0.1:1")
+    assert "was not weighed: a coroutine function runs on this machine" in coroutine.explain()
+    assert escala.map(await_a_bit, range(5), address="127.0.0.1:1") == list(range(5))
+
+
+@pytest.mark.parametrize(
+    ("address", "engine"),
+    [
+        ("tcp://10.0.0.5:8786", "dask"),
+        ("tls://scheduler.example.com:8786", "dask"),
+        ("TCP://[::1]:8786", "dask"),
+        ("ucx://10.0.0.5:13337", "dask"),
+        ("ray://10.0.0.5:10001", "ray"),
+        ("10.0.0.5:6379", "ray"),
+        ("head-node.example.com:6379", "ray"),
+        ("[::1]:6379", "ray"),
+        ("auto", "ray"),
+    ],
+)
+def test_the_engine_comes_from_the_address(address: str, engine: str) -> None:
+    assert engine_of(address) == engine
+
+
+@pytest.mark.parametrize("address", ["http://10.0.0.5:8265", "10.0.0.5", "localhost:", "a b:1"])
+def test_an_address_of_neither_engine_is_refused_at_the_door(address: str) -> None:
+    message = "cannot tell which engine runs the cluster at"
+    with pytest.raises(ValueError, match=message):
+        escala.map(inc, [1], address=address)
+    with pytest.raises(ValueError, match=message):
+        escala.advise(inc, [1], address=address)
+
+
+def test_an_address_of_the_other_engine_is_refused() -> None:
+    with pytest.raises(ValueError, match="names a Ray cluster, not a Dask one"):
+        escala.map(inc, [1], mode="dask", address="ray://10.0.0.5:10001")
+    with pytest.raises(ValueError, match="names a Dask cluster, not a Ray one"):
+        escala.map(inc, [1], mode="ray", address="tcp://10.0.0.5:8786")
+
+
+def test_an_address_needs_a_mode_that_can_use_it() -> None:
+    with pytest.raises(ValueError, match=r"mode='auto' \(with escala\.map or escala\.imap"):
+        escala.Pool(address="tcp://10.0.0.5:8786")
+    with pytest.raises(ValueError, match="cannot weigh the cluster"):
+        asyncio.run(escala.amap(inc, [1], mode="auto", address="tcp://10.0.0.5:8786"))

@@ -8,12 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import pytest
 
 import escala
+from escala._auto import run_auto
+from escala._options import Options
+from escala._plan import collect
+from escala.advisor import _cluster
+from escala.advisor._explain import human_time
 
 distributed = pytest.importorskip("distributed")
 
@@ -95,7 +102,7 @@ def test_a_missing_engine_says_how_to_install_it() -> None:
     assert "pip install 'escala[dask]'" in out.stdout
 
 
-def test_address_needs_dask_mode() -> None:
+def test_address_needs_a_cluster_mode() -> None:
     with pytest.raises(ValueError, match="mode='dask'"):
         escala.map(abs, [1], mode="threads", address="tcp://127.0.0.1:1")
 
@@ -156,3 +163,85 @@ def test_a_timeout_stops_the_task_by_restarting_its_worker(dask_cluster: Any) ->
     dask_cluster.wait_for_workers(2, timeout=30)
     with dask_cluster.as_current():
         assert escala.map(square, range(4), mode="dask") == [0, 1, 4, 9]
+
+
+# -- mode="auto" with address= -------------------------------------------------------------
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def spin_10ms(x: int) -> tuple[int, str]:
+    """Compute for about 10 ms; say where: a Dask worker's address, or "here"."""
+    total = 0
+    for i in range(250_000):
+        total += i
+    try:
+        where = distributed.get_worker().address
+    except ValueError:
+        where = "here"
+    return x * x, where
+
+
+@pytest.fixture
+def fresh_figures() -> Iterator[None]:
+    """No cluster figures measured by an earlier test: this one measures its own."""
+    _cluster.forget()
+    yield
+    _cluster.forget()
+
+
+def test_auto_weighs_the_cluster_and_keeps_trivial_tasks_here(
+    dask_cluster: Any, fresh_figures: None
+) -> None:
+    address = dask_cluster.scheduler.address
+    advice = escala.advise(inc, range(20_000), address=address)
+    # the whole job takes milliseconds here: less than reaching any cluster costs
+    assert advice.mode != "dask"
+    figures = advice.cluster
+    assert figures is not None and figures.reached
+    assert (figures.engine, figures.address) == ("dask", address)
+    # 2 workers of a thread each; 1 while a nanny restarts one that an earlier test killed
+    assert figures.cores in (1, 2)
+    assert figures.overhead > 0 and figures.start > 0
+    text = advice.explain()
+    threads = "1 worker thread" if figures.cores == 1 else "2 worker threads"
+    assert (
+        f"The Dask cluster at {address} has {threads} but costs "
+        f"{human_time(figures.overhead)} per task handed to it" in text
+    )
+    assert f"so {advice.mode} was chosen here." in text
+    # the figures are kept: this run does not connect to weigh the cluster again
+    assert escala.map(inc, range(20_000), address=address) == [x + 1 for x in range(20_000)]
+
+
+def test_auto_runs_on_the_cluster_when_it_pays(
+    dask_cluster: Any, fresh_figures: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's cluster is measured for real, then taken for one of 64 workers that
+    costs a millisecond a task: the same machine's cores could never pay for a cluster."""
+    measured = _cluster.reach
+
+    def bigger(*args: Any, **kwargs: Any) -> Any:
+        backend, figures = measured(*args, **kwargs)
+        return backend, replace(figures, cores=64, overhead=1e-3, start=0.01)
+
+    monkeypatch.setattr(_cluster, "reach", bigger)
+    chosen: list[escala.Advice] = []
+    opts = Options(mode="auto", address=dask_cluster.scheduler.address)
+    got = collect(run_auto(spin_10ms, range(24), opts, ordered=False, on_advice=chosen.append))
+    assert [value for value, _ in got] == [x * x for x in range(24)]
+    assert chosen[0].mode == "dask", chosen[0].explain()
+    assert "The cluster was chosen" in chosen[0].explain()
+    sampled = chosen[0].measured.samples if chosen[0].measured else 0
+    assert {where for _, where in got[:sampled]} == {"here"}  # measured on a thread here
+    assert all(where.startswith("tcp://127.0.0.1:") for _, where in got[sampled:])  # there
+
+
+def test_auto_reports_a_scheduler_it_cannot_reach(
+    fresh_figures: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("escala.backends.dask.CONNECT_TIMEOUT", 1)
+    with pytest.raises(escala.EscalaError, match="could not reach the Dask scheduler"):
+        escala.map(inc, range(1000), address="tcp://127.0.0.1:1")

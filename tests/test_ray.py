@@ -9,12 +9,18 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import pytest
 
 import escala
+from escala._auto import run_auto
+from escala._options import Options
+from escala._plan import collect
+from escala.advisor import Cluster, _cluster
+from escala.advisor._explain import human_time
 
 ray = pytest.importorskip("ray")
 
@@ -184,3 +190,71 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# -- mode="auto" with address= -------------------------------------------------------------
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def spin_10ms(x: int) -> tuple[int, bool]:
+    """Compute for about 10 ms; say whether this ran in a Ray worker."""
+    total = 0
+    for i in range(250_000):
+        total += i
+    return x * x, ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+@pytest.fixture
+def fresh_figures() -> Iterator[None]:
+    """No cluster figures measured by an earlier test: this one measures its own."""
+    _cluster.forget()
+    yield
+    _cluster.forget()
+
+
+def test_auto_weighs_the_cluster_and_keeps_trivial_tasks_here(
+    ray_cluster: str, fresh_figures: None
+) -> None:
+    advice = escala.advise(inc, range(20_000), address=ray_cluster)
+    # the whole job takes milliseconds here: less than reaching any cluster costs
+    assert advice.mode != "ray"
+    figures = advice.cluster
+    assert figures is not None and figures.reached
+    assert (figures.engine, figures.address, figures.cores) == ("ray", ray_cluster, 2)
+    assert figures.overhead > 0 and figures.start > 0
+    text = advice.explain()
+    assert (
+        f"The Ray cluster at {ray_cluster} has 2 CPUs but costs "
+        f"{human_time(figures.overhead)} per task handed to it" in text
+    )
+    assert f"so {advice.mode} was chosen here." in text
+    assert escala.map(inc, range(20_000), address=ray_cluster) == [x + 1 for x in range(20_000)]
+    assert ray.is_initialized()  # the session's connection, still there
+
+
+def test_auto_runs_on_the_cluster_when_its_figures_pay(
+    ray_cluster: str, fresh_figures: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Figures of a cluster of 64 CPUs at a millisecond a task, as if measured a moment ago:
+    the run connects to the session's Ray only to run there."""
+    figures = Cluster("ray", ray_cluster, cores=64, overhead=1e-3, start=0.01)
+    monkeypatch.setitem(_cluster._cache, ("ray", ray_cluster, None), (time.monotonic(), figures))
+    chosen: list[escala.Advice] = []
+    opts = Options(mode="auto", address=ray_cluster)
+    got = collect(run_auto(spin_10ms, range(24), opts, ordered=False, on_advice=chosen.append))
+    assert [value for value, _ in got] == [x * x for x in range(24)]
+    assert chosen[0].mode == "ray", chosen[0].explain()
+    assert "has 64 CPUs and costs 1.0 ms per task" in chosen[0].explain()
+    sampled = chosen[0].measured.samples if chosen[0].measured else 0
+    assert all(in_ray for _, in_ray in got[sampled:])  # all but the sampled: there
+    assert not any(in_ray for _, in_ray in got[:sampled])
+
+
+def test_auto_refuses_another_ray_cluster_than_the_current_one(
+    ray_cluster: str, fresh_figures: None
+) -> None:
+    with pytest.raises(escala.EscalaError, match="already connected"):
+        escala.map(inc, range(1000), address="127.0.0.1:1")

@@ -100,7 +100,9 @@ def map(
         errors: ``"raise"``, or ``"collect"`` for an :class:`Outcome` per item.
         options: an :class:`Options` to start from; keywords override it.
         **kwargs: ``mode``, ``workers``, ``timeout``, ``retries``, ``batch``, ``progress``,
-            ``initializer``, ``initargs``, ``start_method``, ``window`` (see :class:`Options`).
+            ``initializer``, ``initargs``, ``start_method``, ``window``, ``address`` (see
+            :class:`Options`). With ``mode="auto"`` (the default) and an ``address``, the
+            cluster is weighed against this machine and chosen only when it pays.
 
     Raises:
         TaskTimeout: a task ran past ``timeout``.
@@ -121,8 +123,11 @@ def map(
 def _resolve(fn: Callable[..., Any], opts: Options) -> Options:
     """The default mode is auto; for a coroutine function, auto is async at once."""
     if opts.mode in (None, "auto"):
-        mode = "async" if is_async(fn) else "auto"
-        return replace(opts, mode=mode)  # type: ignore[arg-type]
+        if is_async(fn):
+            # a coroutine function runs on this machine's event loop: nothing is measured,
+            # so a cluster named by address= is not weighed
+            return replace(opts, mode="async", address=None)
+        return replace(opts, mode="auto")
     return opts
 
 
@@ -280,6 +285,13 @@ def _async_options(
     if opts.mode == "auto":
         # Measuring would run tasks on this thread, the event loop's: amap's own default
         # (coroutines on the loop, plain functions on threads) is the right choice here.
+        if opts.address is not None:
+            raise ValueError(
+                "mode='auto' in amap and aimap does not measure the tasks (that would run "
+                "them on the event loop's thread), so it cannot weigh the cluster at "
+                f"{opts.address!r}: choose mode='dask' or mode='ray' to run there, or leave "
+                "address out"
+            )
         opts = replace(opts, mode=None)
     return opts
 

@@ -4,6 +4,8 @@
                  │   sampled items, finished ──▶ scheduler (as if a worker had run them)
                  └── sampled items still running ──▶ delivered to the driver's queue
                                                      when the probe thread ends them
+    address= ──▶ advisor.weigh: the cluster's figures against the Advice; when the
+                 cluster wins, the backend that measured it (connected, started) runs the rest
 The rest of the input goes to the advised mode through the usual driver. No item runs
 twice because it was measured.
 """
@@ -20,13 +22,13 @@ from ._adaptive import ConcurrencyLimit
 from ._drive import Chunk, drive
 from ._engine import Scheduler
 from ._errors import TaskTimeout
-from ._options import Options
+from ._options import ENGINES, Options
 from ._plan import make_backend, make_scheduler, plan_for, total_of
 from ._progress import progress_for
-from .advisor import Advice, measure
+from .advisor import Advice, measure, weigh
 from .advisor._decide import THREADS_CAP
 from .advisor._probe import Group, Probe, Sample
-from .backends.base import Batch, Call, Done, Failure, Sink
+from .backends.base import Backend, Batch, Call, Done, Failure, Sink
 
 __all__ = ["run_auto"]
 
@@ -51,14 +53,23 @@ def run_auto(
         initializer=opts.initializer,
         initargs=opts.initargs,
     )
-    if on_advice is not None:
-        on_advice(advice)
     clean = False
     timers: list[threading.Timer] = []
     abandoned: list[Group] = []  # sampled tasks reported as timed out: never waited for
+    cluster: Backend | None = None  # started while weighing the cluster; the run's if chosen
     try:
         if sample is not None and sample.input_error is not None:
             raise sample.input_error
+        if opts.address is not None:
+            advice, cluster = weigh(
+                advice,
+                opts.address,
+                workers=opts.workers,
+                initializer=opts.initializer,
+                initargs=opts.initargs,
+            )
+        if on_advice is not None:
+            on_advice(advice)
         limit = None
         workers = advice.workers
         if advice.adaptive:
@@ -68,36 +79,49 @@ def run_auto(
             high = min(THREADS_CAP, total) if total else THREADS_CAP
             limit = ConcurrencyLimit(advice.workers + running, high=max(1, high + running))
             workers = high  # threads start on demand; the limit decides how many
-        chosen = replace(opts, mode=advice.mode, workers=workers)  # type: ignore[arg-type]
-        plan = plan_for(fn, chosen)
-        backend = make_backend(plan, chosen)
-        sched = make_scheduler(
-            Call(fn),
-            backend,
-            chosen,
-            items,
-            ordered=ordered,
-            plan=plan,
-            start=advice.batch if isinstance(advice.batch, int) else 1,
-            keep_all=keep_all,
-            limit=limit,
+        address = opts.address if advice.mode in ENGINES else None  # a local mode takes none
+        chosen = replace(
+            opts,
+            mode=advice.mode,  # type: ignore[arg-type]
+            workers=workers,
+            address=address,
         )
-        done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
-        if sample is not None and probe is not None:
-            _absorb(sched, sample, probe, done_queue.put, opts.timeout, timers, abandoned)
-        started = False
+        plan = plan_for(fn, chosen)
+        if cluster is not None:  # the cluster won: the backend that measured it runs the rest
+            backend, cluster, attempted = cluster, None, True
+        else:
+            backend, attempted = make_backend(plan, chosen), False
+        driving = False
         try:
-            backend.start()
-            started = True
+            sched = make_scheduler(
+                Call(fn),
+                backend,
+                chosen,
+                items,
+                ordered=ordered,
+                plan=plan,
+                start=advice.batch if isinstance(advice.batch, int) else 1,
+                keep_all=keep_all,
+                limit=limit,
+            )
+            done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
+            if sample is not None and probe is not None:
+                _absorb(sched, sample, probe, done_queue.put, opts.timeout, timers, abandoned)
+            if not attempted:
+                attempted = True
+                backend.start()
             progress = progress_for(opts.progress, f"auto → {advice.mode}", total)
+            driving = True  # from here the driver owns the backend and shuts it down
             yield from drive(
                 backend, sched, iterator, owned=True, progress=progress, done_queue=done_queue
             )
             clean = True
         finally:
-            if not started:
+            if attempted and not driving:
                 backend.shutdown(cancel=True)
     finally:
+        if cluster is not None:  # weighed and chosen, but the run never got it
+            cluster.shutdown(cancel=True)
         for timer in timers:
             timer.cancel()
             timer.join()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypedDict, get_args
@@ -19,6 +20,7 @@ __all__ = [
     "RunOptions",
     "StartMethod",
     "WorkerOptions",
+    "engine_of",
 ]
 
 Mode = Literal["auto", "sequential", "threads", "processes", "async", "dask", "ray"]
@@ -34,6 +36,37 @@ ENGINES: tuple[str, ...] = ("dask", "ray")
 MODES: tuple[str, ...] = tuple(m for m in get_args(Mode)[1:] if m not in ENGINES)
 _MAX_BATCH = (1 << 20) - 1  # a worker's slot encodes a task's position in 20 bits
 _PLANNED: dict[str, str] = {}
+#: The schemes of Dask's comms: an address that starts with one names a Dask scheduler.
+DASK_SCHEMES = ("tcp", "tls", "ucx", "inproc", "ws", "wss")
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 address
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+
+
+def engine_of(address: str) -> str:
+    """Return the engine (``"dask"`` or ``"ray"``) whose cluster an address names.
+
+    The rule, from the address's form alone: a Dask comm scheme (``tcp://``, ``tls://``,
+    ``ucx://``, ``inproc://``, ``ws://``, ``wss://``) is a Dask scheduler, as Dask prints
+    it; ``ray://`` (Ray Client), ``"auto"`` and a bare ``host:port`` (a Ray head's GCS, as
+    ``ray start --head`` prints it) are Ray. Nothing is contacted.
+
+    Raises:
+        ValueError: the address has another form (a scheme of neither engine, no port).
+    """
+    scheme, sep, _ = address.strip().partition("://")
+    if sep:
+        if scheme.lower() in DASK_SCHEMES:
+            return "dask"
+        if scheme.lower() == "ray":
+            return "ray"
+    elif address.strip() == "auto" or _HOST_PORT.fullmatch(address.strip()):
+        return "ray"
+    raise ValueError(
+        f"cannot tell which engine runs the cluster at {address!r}: write a Dask scheduler "
+        "as Dask prints it ('tcp://10.0.0.5:8786', or tls://), a Ray cluster as "
+        "'10.0.0.5:6379' (its head's GCS) or 'ray://10.0.0.5:10001' (Ray Client); or "
+        "choose mode='dask' or mode='ray' yourself"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +144,19 @@ class Options:
             on Linux and ``"spawn"`` elsewhere.
         window: most tasks pulled from the input and not yet handed back to the caller;
             ``None`` is ``2 × workers × batch``.
-        address: the Dask scheduler to run on (``"tcp://10.0.0.5:8786"``), for
-            ``mode="dask"`` only. ``None`` uses the current Dask client if there is one
-            (``distributed.Client(...)`` made it the default, or ``client.as_current()``),
-            else starts a local cluster of one worker process per usable core and stops it
-            at the end. For dask, ``workers`` is how many tasks escala keeps running on the
-            cluster (default: its worker threads). For ``mode="ray"``, the Ray cluster
-            to connect to (``"10.0.0.5:6379"``, ``"auto"``); ``None`` runs on this
-            process's Ray connection if ``ray.init`` was called, else starts a local Ray
-            with one CPU per usable core and shuts it down at the end.
+        address: a cluster to run on. For ``mode="dask"``, the Dask scheduler
+            (``"tcp://10.0.0.5:8786"``); ``None`` uses the current Dask client if there is
+            one (``distributed.Client(...)`` made it the default, or
+            ``client.as_current()``), else starts a local cluster of one worker process per
+            usable core and stops it at the end. For dask, ``workers`` is how many tasks
+            escala keeps running on the cluster (default: its worker threads). For
+            ``mode="ray"``, the Ray cluster to connect to (``"10.0.0.5:6379"``,
+            ``"auto"``); ``None`` runs on this process's Ray connection if ``ray.init`` was
+            called, else starts a local Ray with one CPU per usable core and shuts it down
+            at the end. For ``mode="auto"`` (``map`` and ``imap``), a cluster to weigh: its
+            engine comes from the address's form (:func:`engine_of`), escala times empty
+            tasks there and runs there only when the tasks are long enough to pay for what
+            one costs; without an address, auto never runs on a cluster.
     """
 
     mode: Mode | None = None
@@ -172,11 +209,21 @@ class Options:
                     f"'tcp://127.0.0.1:8786' or a Ray cluster address such as "
                     f"'127.0.0.1:6379', got {self.address!r}"
                 )
-            if self.mode not in ENGINES:
-                raise ValueError(
-                    "address= names a cluster: it needs mode='dask' or mode='ray', "
-                    f"not mode={self.mode!r}"
-                )
+            if self.mode not in (None, "auto", *ENGINES):
+                raise needs_cluster_mode(self.mode)
+            if self.mode in (None, "auto"):
+                engine_of(self.address)  # an address of neither engine: refused at the door
+            elif "://" in self.address:
+                try:
+                    engine = engine_of(self.address)
+                except ValueError:
+                    engine = self.mode  # a scheme of neither: the engine itself judges it
+                if engine != self.mode:
+                    raise ValueError(
+                        f"address={self.address!r} names a {engine.title()} cluster, "
+                        f"not a {str(self.mode).title()} one: give the address of a "
+                        f"{str(self.mode).title()} cluster, or mode={engine!r}"
+                    )
 
     @classmethod
     def build(cls, base: Options | None = None, **given: Any) -> Options:
@@ -197,6 +244,14 @@ class Options:
         if retries is not None and not isinstance(retries, Retry):
             given["retries"] = Retry(attempts=retries)
         return replace(base, **given) if base is not None else cls(**given)
+
+
+def needs_cluster_mode(mode: object) -> ValueError:
+    """The error for ``address=`` with a mode that runs on this machine."""
+    return ValueError(
+        "address= names a cluster: it needs mode='dask', mode='ray', or mode='auto' "
+        f"(with escala.map or escala.imap, which weigh the cluster), not mode={mode!r}"
+    )
 
 
 class _Unset:

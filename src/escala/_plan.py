@@ -14,7 +14,7 @@ from ._adaptive import ConcurrencyLimit
 from ._cpu import usable_cpus
 from ._drive import Chunk
 from ._engine import BatchSizer, Scheduler
-from ._options import Options
+from ._options import ENGINES, Options, needs_cluster_mode
 from .backends import create
 from .backends.base import Backend, Call
 
@@ -43,6 +43,8 @@ def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
             "escala.advise(fn, items) which one suits your work."
         )
     mode = options.mode or ("async" if coroutine else "threads")
+    if options.address is not None and mode not in ENGINES:
+        raise needs_cluster_mode(options.mode)
     engine = "threads" if mode == "async" and fn is not None and not coroutine else mode
     if options.workers is not None:
         workers = options.workers

@@ -3,9 +3,11 @@
     measure(fn, items) ──▶ Probe (sample the first items, GIL test)  ─┐
                         ──▶ overheads (cost of a hand-off, cached)    ─┼─▶ decide ─▶ Advice
                         ──▶ size and picklability of fn and items     ─┘        .explain()
+    with address=: weigh(advice, address) ──▶ the cluster's size and cost per task,
+                        measured with empty tasks (cached) ──▶ decide_cluster ─▶ Advice
 
-``mode="auto"`` calls :func:`measure` and runs the rest of the input as advised, keeping
-the sampled results; :func:`advise` only measures and returns the advice.
+``mode="auto"`` calls :func:`measure` (and :func:`weigh`) and runs the rest of the input as
+advised, keeping the sampled results; :func:`advise` only measures and returns the advice.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from typing import Any
 import cloudpickle
 
 from .._cpu import usable_cpus
+from .._options import Options
 from .._task import kind_of
-from ._advice import Advice, Measurements, Reason
+from ._advice import Advice, Cluster, Measurements, Reason
+from ._cluster import weigh
 from ._decide import TINY_JOB, decide, decide_for_coroutine, decide_from_hint
 from ._overhead import overheads
 from ._probe import Probe, Sample
 
-__all__ = ["Advice", "Measurements", "Reason", "advise", "measure"]
+__all__ = ["Advice", "Cluster", "Measurements", "Reason", "advise", "measure", "weigh"]
 
 #: Default concurrency of async mode (as in escala._plan).
 ASYNC_WORKERS = 100
@@ -143,7 +147,7 @@ def _with_workers(advice: Advice, workers: int | None) -> Advice:
     return replace(advice, workers=workers, adaptive=False)
 
 
-def advise(fn: Callable[..., Any], items: Iterable[Any]) -> Advice:
+def advise(fn: Callable[..., Any], items: Iterable[Any], *, address: str | None = None) -> Advice:
     """Measure ``fn`` on a few items and say how escala would run the whole input.
 
     The first items really run (in this process, on a thread) to be measured; their
@@ -153,15 +157,30 @@ def advise(fn: Callable[..., Any], items: Iterable[Any]) -> Advice:
     Args:
         fn: the task.
         items: the input (a list, a range, any iterable).
+        address: a Dask or Ray cluster to weigh as well (see :func:`escala.map`): escala
+            connects to it, times empty tasks there, and says whether these tasks are long
+            enough to pay for what a task costs on it.
 
     Returns:
         An :class:`Advice`; ``print(advice.explain())`` says why, with the figures.
+
+    Raises:
+        ValueError: ``address`` names neither a Dask nor a Ray cluster.
+        EscalaError: the cluster could not be reached.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {fn!r}")
+    if address is not None:
+        Options(mode="auto", address=address)  # the address's form, checked at the door
     total = len(items) if isinstance(items, Sized) else None
     advice, _, probe = measure(fn, iter(items), total)
-    if probe is not None:
-        probe.hand_over(lambda group: None)
-        probe.join()
+    try:
+        if address is not None:
+            advice, backend = weigh(advice, address)
+            if backend is not None:
+                backend.shutdown(cancel=False)
+    finally:
+        if probe is not None:
+            probe.hand_over(lambda group: None)
+            probe.join()
     return advice

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["Advice", "Measurements", "Reason"]
+__all__ = ["Advice", "Cluster", "Measurements", "Reason"]
 
 
 class Reason(enum.Enum):
@@ -21,6 +21,7 @@ class Reason(enum.Enum):
     ONE_CORE = "one-core"  # CPU-bound and only one usable core
     NOT_PICKLABLE = "not-picklable"  # would be processes, but cannot be sent
     ALL_SAMPLED = "all-sampled"  # the sampling ran every item already
+    CLUSTER = "cluster"  # the cluster given by address= pays for what a task costs there
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +76,63 @@ class Measurements:
 
 
 @dataclass(frozen=True, slots=True)
+class Cluster:
+    """The cluster named by ``address=``: what was measured there, and how it compared.
+
+    Attributes:
+        engine: ``"dask"`` or ``"ray"``, from the address's form.
+        address: as given.
+        cores: tasks it runs at once: its worker threads (Dask) or CPUs (Ray); 0 when it
+            was not reached (nothing measured locally, or nothing left to run).
+        overhead: seconds per task handed to it: empty tasks sent one per hand-off, as
+            many in flight as it runs at once, timed from the caller.
+        start: seconds to connect and get ready (the function shipped, the initializer run).
+        batch: tasks per hand-off it would be sent (hand-offs cost ``overhead`` each).
+        predicted: seconds the remaining items would take there, ``start`` included.
+        work: the part of ``predicted`` spent running the tasks themselves.
+        local: seconds they would take with ``local_mode`` on this machine.
+        local_mode: the best mode of this machine.
+        remaining: the items weighed (assumed 10,000 when the input has no length).
+    """
+
+    engine: str
+    address: str
+    cores: int = 0
+    overhead: float = 0.0
+    start: float = 0.0
+    batch: int = 1
+    predicted: float = 0.0
+    work: float = 0.0
+    local: float = 0.0
+    local_mode: str = ""
+    remaining: int = 0
+
+    @property
+    def reached(self) -> bool:
+        """Whether the cluster was reached and measured."""
+        return self.cores > 0
+
+    @property
+    def overhead_share(self) -> float:
+        """The share of the predicted time on the cluster not spent running the tasks."""
+        return max(0.0, 1.0 - self.work / self.predicted) if self.predicted > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Advice:
     """The execution model escala recommends for a workload, and why.
 
     Attributes:
-        mode: ``"sequential"``, ``"threads"``, ``"processes"`` or ``"async"``.
+        mode: ``"sequential"``, ``"threads"``, ``"processes"`` or ``"async"``; ``"dask"``
+            or ``"ray"`` when the cluster named by ``address=`` was chosen.
         workers: how many tasks to run at once.
         batch: tasks per hand-off (``"auto"``: sized while running).
         speedup: expected speed-up over sequential, from the measurements.
         reason: the rule that decided.
         measured: the figures behind it (``None`` when a hint skipped measuring).
         adaptive: concurrency adjusts itself during the run (I/O-bound work).
+        cluster: the cluster named by ``address=``, with its measured figures and the
+            predictions that decided (``None`` without an address).
     """
 
     mode: str
@@ -95,6 +142,7 @@ class Advice:
     reason: Reason
     measured: Measurements | None = None
     adaptive: bool = False
+    cluster: Cluster | None = None
 
     def explain(self) -> str:
         """Say in plain words what was measured and why this mode was chosen."""

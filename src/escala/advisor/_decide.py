@@ -13,16 +13,25 @@ The rules, in order (each is a :class:`Reason`):
    small part of the work, unless there is one core, or it cannot be pickled;
 7. whenever the predicted time of the chosen mode, hand-offs included, is not clearly below
    sequential (tiny tasks, or too few of them), sequential wins; a whole job under
-   ``TINY_JOB`` does not even measure what a hand-off costs.
+   ``TINY_JOB`` does not even measure what a hand-off costs;
+8. with ``address=``, the cluster's prediction for the remaining items (:func:`decide_cluster`)
+   is weighed against the mode chosen above, and wins only by ``CLUSTER_GAIN``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from ._advice import Advice, Measurements, Reason
+from ._advice import Advice, Cluster, Measurements, Reason
 
-__all__ = ["THREADS_CAP", "decide", "decide_for_coroutine", "decide_from_hint"]
+__all__ = [
+    "THREADS_CAP",
+    "decide",
+    "decide_cluster",
+    "decide_for_coroutine",
+    "decide_from_hint",
+]
 
 #: The most threads advised for waiting work (the adaptive limit may move within it).
 THREADS_CAP = 256
@@ -35,6 +44,13 @@ PICKLE_RATE = 500e6
 #: A whole job shorter than this runs sequentially without measuring any hand-off: no
 #: worker starts faster.
 TINY_JOB = 0.005
+#: Items assumed when the input has no length.
+ASSUMED_ITEMS = 10_000
+#: The cluster must promise to finish this many times sooner than this machine's best mode:
+#: its figures come from a few empty tasks, and a shared cluster's load changes.
+CLUSTER_GAIN = 1.25
+#: The most tasks per hand-off (the engine's BatchSizer.CAP).
+MAX_BATCH = 16384
 
 
 def decide_for_coroutine(workers: int) -> Advice:
@@ -66,7 +82,7 @@ def decide(m: Measurements, remaining: int | None) -> Advice:
     wall = max(m.wall, 1e-9)
     compute = max(m.cpu, 1e-9)
     wait = max(0.0, m.wall - m.queued - m.cpu)  # queued for a core is not waiting on I/O
-    n = remaining if remaining is not None else 10_000  # unknown length: assume many
+    n = remaining if remaining is not None else ASSUMED_ITEMS  # unknown length: assume many
     sequential = n * wall
     if remaining is not None and sequential < TINY_JOB:
         return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
@@ -108,3 +124,57 @@ def _processes(m: Measurements, n: int, sequential: float) -> Advice:
         return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
     batch = max(1, min(16384, math.floor(BATCH_TARGET / max(m.wall, 1e-9))))
     return Advice("processes", workers, batch, speedup, Reason.HOLDS_GIL, m)
+
+
+def decide_cluster(
+    local: Advice, cluster: Cluster, remaining: int | None, workers: int | None = None
+) -> Advice:
+    """Weigh the cluster named by ``address=`` against this machine's best mode.
+
+    For the ``remaining`` items (``None``: unknown, assumed many), with ``n`` of them, each
+    taking ``wall`` seconds as measured here, ``slots = min(cores, workers, n)`` and batches
+    sized as the run would size them::
+
+        cluster = start + n × wall / slots + ⌈n / batch⌉ × overhead + n × bytes / PICKLE_RATE
+        local   = n × wall / (the local advice's speed-up over sequential)
+
+    The cluster is chosen when ``local ≥ CLUSTER_GAIN × cluster`` and the work can be
+    pickled. Hand-offs are counted in full, as if none overlapped with the work: where the
+    estimate errs, it errs towards this machine.
+
+    Args:
+        local: the advice for this machine (from :func:`decide` and the caller's workers).
+        cluster: the cluster's measured figures (``cores``, ``overhead``, ``start``).
+        remaining: items still to run after sampling.
+        workers: the caller's cap on tasks at once, if any.
+
+    Returns:
+        ``local`` with the weighed cluster attached, or advice to run on the cluster.
+    """
+    m = local.measured
+    if m is None or remaining == 0 or local.reason is Reason.ALL_SAMPLED or not cluster.reached:
+        return replace(local, cluster=replace(cluster, cores=0))  # not weighed
+    n = remaining if remaining is not None else ASSUMED_ITEMS
+    wall = max(m.wall, 1e-9)
+    slots = max(1, min(cluster.cores, workers or cluster.cores, n))
+    # as the engine's BatchSizer sizes them: about BATCH_TARGET of work, 4 per slot at least
+    batch = max(1, min(MAX_BATCH, math.floor(BATCH_TARGET / wall), math.ceil(n / (4 * slots))))
+    moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
+    work = n * wall / slots
+    predicted = (
+        cluster.start + work + math.ceil(n / batch) * cluster.overhead + n * moved / PICKLE_RATE
+    )
+    local_time = n * wall / max(local.speedup, 1e-9)
+    weighed = replace(
+        cluster,
+        batch=batch,
+        predicted=predicted,
+        work=work,
+        local=local_time,
+        local_mode=local.mode,
+        remaining=n,
+    )
+    if not m.picklable or local_time < CLUSTER_GAIN * predicted:
+        return replace(local, cluster=weighed)
+    speedup = n * wall / predicted
+    return Advice(cluster.engine, slots, batch, speedup, Reason.CLUSTER, m, cluster=weighed)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._advice import Advice, Measurements, Reason
+from ._advice import Advice, Cluster, Measurements, Reason
+from ._decide import CLUSTER_GAIN
 
 __all__ = ["explain", "human_time"]
 
@@ -44,8 +45,12 @@ def explain(advice: Advice) -> str:
         lines.append(f'It is marked @escala.task(kind="cpu"): nothing was measured. {chosen}.')
     elif reason is Reason.ALL_SAMPLED:
         lines.append("Every item already ran while measuring: there is nothing left to run.")
+    elif reason is Reason.CLUSTER and m is not None and advice.cluster is not None:
+        lines.append(_weighed(advice.cluster, m, chosen=advice.workers))
     elif m is not None:
         lines.append(_because(advice, m))
+    if advice.cluster is not None and reason is not Reason.CLUSTER:
+        lines.append(_cluster_not_chosen(advice, advice.cluster))
     if advice.speedup > 1 and reason not in (Reason.COROUTINE, Reason.ALL_SAMPLED):
         lines.append(f"Expected speed-up over sequential: about {advice.speedup:.1f}×.")
     if advice.adaptive:
@@ -137,3 +142,48 @@ def _because(advice: Advice, m: Measurements) -> str:
         + ": the work is too short, or there is too little of it, to pay for any hand-off. "
         "Sequential was chosen."
     )
+
+
+def _cluster_not_chosen(advice: Advice, c: Cluster) -> str:
+    name = f"The {c.engine.title()} cluster at {c.address}"
+    m = advice.measured
+    if m is None or not c.reached:
+        if advice.reason is Reason.COROUTINE:
+            why = "a coroutine function runs on this machine's event loop"
+        elif m is None:
+            why = f"nothing was measured here; choose mode={c.engine!r} to run there"
+        else:
+            why = "nothing was left to run"
+        return f"{name} was not weighed: {why}."
+    if not m.picklable:
+        return (
+            f"{name} was not used: the function or its items cannot be pickled, so they "
+            "cannot be sent to it."
+        )
+    return _weighed(c, m, chosen=None)
+
+
+def _weighed(c: Cluster, m: Measurements, *, chosen: int | None) -> str:
+    """The trade-off in one sentence: the cluster's size and cost per task, the tasks' own
+    length, the share of overhead, and both predictions."""
+    unit = "worker thread" if c.engine == "dask" else "CPU"
+    size = f"{c.cores} {unit}" + ("" if c.cores == 1 else "s")
+    length = ("over " if m.lower_bound else "") + human_time(m.wall)
+    batches = "sent one per hand-off" if c.batch == 1 else f"sent in batches of {c.batch:,}"
+    text = (
+        f"The {c.engine.title()} cluster at {c.address} has {size} "
+        + ("and" if chosen is not None else "but")
+        + f" costs {human_time(c.overhead)} per task handed to it, plus "
+        f"{human_time(c.start)} to connect and get ready; these tasks take {length} each, "
+        f"so, {batches}, it would spend {c.overhead_share:.0%} of its time on overhead: "
+        f"about {human_time(c.predicted)} for the remaining {c.remaining:,} items, against "
+        f"{human_time(c.local)} with {c.local_mode} here"
+    )
+    if chosen is not None:
+        return text + f". The cluster was chosen, {chosen} tasks at once."
+    if c.predicted < c.local:
+        return (
+            text + f": not the {CLUSTER_GAIN:g}× sooner a cluster must promise to be worth "
+            f"it, so {c.local_mode} was chosen here."
+        )
+    return text + f", so {c.local_mode} was chosen here."

@@ -76,6 +76,11 @@ class RemoteBackend:
         self._closed = False
         self._broken: BaseException | None = None
 
+    def capacity(self) -> int:
+        """Return how many tasks the cluster runs at once (its worker threads, or CPUs),
+        whatever this backend's ``workers``; once started."""
+        raise NotImplementedError
+
     # -- caller side ----------------------------------------------------------------
 
     def _store(self, data: bytes) -> Any:

@@ -22,7 +22,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Apply", "Backend", "Batch", "Call", "Done", "Failure", "Sink", "invoke"]
+__all__ = [
+    "Apply",
+    "Backend",
+    "Batch",
+    "Call",
+    "ClusterBackend",
+    "Done",
+    "Failure",
+    "Sink",
+    "invoke",
+]
 
 
 class Apply(enum.IntEnum):
@@ -153,6 +163,16 @@ class Backend(Protocol):
             cancel: stop running tasks too (kill worker processes, cancel coroutines); a
                 running thread cannot be stopped and is left to finish on its own.
         """
+
+
+class ClusterBackend(Backend, Protocol):
+    """An execution model on an engine's cluster (Dask, Ray), which says how big it is."""
+
+    #: the engine's name, as messages give it ("Dask", "Ray")
+    engine: str
+
+    def capacity(self) -> int:
+        """Return how many tasks the cluster runs at once (its worker threads, or CPUs)."""
 
 
 def describe_items(batch: Batch, positions: Sequence[int]) -> str:

@@ -188,6 +188,9 @@ class DaskBackend(RemoteBackend):
         if self._init is not None:
             self._init_future = self._client.scatter(self._init, broadcast=True, hash=False)
 
+    def capacity(self) -> int:
+        return _threads(self._client)
+
     def _learn_workers(self) -> None:
         for address, info in self._client.scheduler_info()["workers"].items():
             self._pids[address] = int(info.get("pid", 0))

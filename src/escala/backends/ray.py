@@ -170,6 +170,9 @@ class RayBackend(RemoteBackend):
         )
         self._collector.start()
 
+    def capacity(self) -> int:
+        return _cpus()
+
     def submit(self, batch: Batch, sink: Sink) -> None:
         accepted = self._accept(batch, sink)
         if accepted is None:
