@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import escala
+from escala._options import ENGINES
 
 
 def square(x: int) -> int:
@@ -88,49 +89,76 @@ def test_results_never_reach_stdout(capfd: pytest.CaptureFixture[str], mode: str
     assert out == ""
 
 
-@given(
-    items=st.lists(st.integers(min_value=-1000, max_value=1000), max_size=60),
-    batch=st.one_of(st.just("auto"), st.integers(min_value=1, max_value=7)),
-    workers=st.integers(min_value=1, max_value=4),
-)
-@pytest.mark.parametrize("how", ALL := list(escala.MODES))
-def test_property_map_equals_list_comprehension(
-    how: str, items: list[int], batch: str | int, workers: int
-) -> None:
-    assert escala.map(square, items, mode=how, batch=batch, workers=workers) == [
-        square(x) for x in items
-    ]
+#: Examples per property on a cluster engine, where each one is a run on the session's
+#: cluster (a few hundred milliseconds on two cores).
+ENGINE_EXAMPLES = 15
 
 
-@given(
-    items=st.lists(st.integers(min_value=-3, max_value=3), max_size=30),
-    batch=st.integers(min_value=1, max_value=5),
-)
-@pytest.mark.parametrize("how", ALL)
-def test_property_errors_match_list_comprehension(how: str, items: list[int], batch: int) -> None:
+def examples_for(mode: str) -> settings:
+    """The session's Hypothesis settings, with at most ``ENGINE_EXAMPLES`` examples on the
+    cluster engines; never a deadline (a pool or a cluster run starts in each example)."""
+    current = settings()
+    examples = current.max_examples
+    if mode in ENGINES:
+        examples = min(examples, ENGINE_EXAMPLES)
+    return settings(current, max_examples=examples, deadline=None)
+
+
+# Each property runs under every mode, cluster engines included, through the ``mode``
+# fixture (which makes the session's cluster the one a run without an address uses); the
+# properties are inner functions so that each mode gets its own number of examples.
+
+
+def test_property_map_equals_list_comprehension(mode: str) -> None:
+    @examples_for(mode)
+    @given(
+        items=st.lists(st.integers(min_value=-1000, max_value=1000), max_size=60),
+        batch=st.one_of(st.just("auto"), st.integers(min_value=1, max_value=7)),
+        workers=st.integers(min_value=1, max_value=4),
+    )
+    def check(items: list[int], batch: str | int, workers: int) -> None:
+        got = escala.map(square, items, mode=mode, batch=batch, workers=workers)
+        assert got == [square(x) for x in items]
+
+    check()
+
+
+def test_property_errors_match_list_comprehension(mode: str) -> None:
     """Where the comprehension raises, escala raises the same type; else same results."""
-    try:
-        expected: list[float] | type[BaseException] = [divide(x) for x in items]
-    except ZeroDivisionError:
-        expected = ZeroDivisionError
-    if expected is ZeroDivisionError:
-        with pytest.raises(ZeroDivisionError):
-            escala.map(divide, items, mode=how, batch=batch, workers=2)
-    else:
-        assert escala.map(divide, items, mode=how, batch=batch, workers=2) == expected
-    collected = escala.map(divide, items, mode=how, batch=batch, workers=2, errors="collect")
-    assert [o.index for o in collected] == list(range(len(items)))
-    assert [o.ok for o in collected] == [x != 0 for x in items]
+
+    @examples_for(mode)
+    @given(
+        items=st.lists(st.integers(min_value=-3, max_value=3), max_size=30),
+        batch=st.integers(min_value=1, max_value=5),
+    )
+    def check(items: list[int], batch: int) -> None:
+        try:
+            expected: list[float] | type[BaseException] = [divide(x) for x in items]
+        except ZeroDivisionError:
+            expected = ZeroDivisionError
+        if expected is ZeroDivisionError:
+            with pytest.raises(ZeroDivisionError):
+                escala.map(divide, items, mode=mode, batch=batch, workers=2)
+        else:
+            assert escala.map(divide, items, mode=mode, batch=batch, workers=2) == expected
+        collected = escala.map(divide, items, mode=mode, batch=batch, workers=2, errors="collect")
+        assert [o.index for o in collected] == list(range(len(items)))
+        assert [o.ok for o in collected] == [x != 0 for x in items]
+
+    check()
 
 
-@given(
-    items=st.lists(st.integers(), max_size=50),
-    batch=st.integers(min_value=1, max_value=6),
-)
-@pytest.mark.parametrize("how", ALL)
-def test_property_imap_unordered_is_a_permutation(how: str, items: list[int], batch: int) -> None:
-    got = list(escala.imap(square, items, mode=how, batch=batch, ordered=False, workers=3))
-    assert sorted(got) == sorted(square(x) for x in items)
+def test_property_imap_unordered_is_a_permutation(mode: str) -> None:
+    @examples_for(mode)
+    @given(
+        items=st.lists(st.integers(), max_size=50),
+        batch=st.integers(min_value=1, max_value=6),
+    )
+    def check(items: list[int], batch: int) -> None:
+        got = list(escala.imap(square, items, mode=mode, batch=batch, ordered=False, workers=3))
+        assert sorted(got) == sorted(square(x) for x in items)
+
+    check()
 
 
 class Counting:
