@@ -242,3 +242,20 @@ def test_a_server_hands_cpu_tasks_to_ray(app: pathlib.Path) -> None:
         # Ray's own SIGTERM handler ends the process with status 15 once it has stopped
         assert server.stop() in (0, 15, -signal.SIGTERM)
         assert "stopped; jobs left unfinished" in server.text()
+
+
+def test_a_database_that_goes_away_gets_503_not_500(
+    app: pathlib.Path, pg_server: str, pg_url: str
+) -> None:
+    with serving(app, "--no-auth", "--store", pg_url) as server, server.client() as client:
+        assert wait(client, submit(client, "echo", 1))["result"] == 1
+        name = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            admin.execute(f"CREATE DATABASE {name}")  # for the fixture to drop after
+        answer = client.post("/v1/jobs", json={"task": "echo", "args": [2]})
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+        assert "job store is unavailable" in answer.json()["detail"]
+        assert "Traceback" not in answer.text
+        assert client.get("/healthz").status_code == 200
+    assert "the job store failed during POST /v1/jobs" in server.text()

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..store import Job, JobState, NewJob
+from ..store import Job, JobState, NewJob, StoreError
 from ._admission import AdmissionMiddleware, Gate
 from ._config import is_loopback
 from ._core import Service
@@ -312,6 +312,17 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
     async def refused(request: Request, exc: Refused) -> Response:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return AsciiJSON({"detail": exc.detail}, exc.status, headers=headers)
+
+    @app.exception_handler(StoreError)
+    async def store_down(request: Request, exc: StoreError) -> Response:
+        # the database is down or gone (a PostgreSQL restart, a full disk): nothing was
+        # accepted, and the client should come back; the cause is for the operator's log
+        log.error("the job store failed during %s %s: %s", request.method, request.url.path, exc)
+        detail = (
+            "the job store is unavailable; retry later (with the same idempotency key, a "
+            "retry cannot make a second job)"
+        )
+        return AsciiJSON({"detail": detail}, 503, headers={"Retry-After": "5"})
 
     # FastAPI's own handlers answer with plain JSONResponse: replaced, so that what a
     # client sent can always be echoed back (see AsciiJSON)
