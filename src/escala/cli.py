@@ -1,4 +1,5 @@
-"""The ``escala`` command: ``demo``, ``bench``, ``advise``, ``serve``, ``keys`` and ``load``.
+"""The ``escala`` command: ``demo``, ``bench``, ``advise``, ``serve``, ``worker``, ``keys``
+and ``load``.
 
 The CLI is a client of the public API and of :mod:`escala.bench`, like any user. Mistakes
 (a target that cannot be imported, an input file with a bad line, a function that raises
@@ -113,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--plot", metavar="FILE", help="save a chart (PNG)")
             sub.set_defaults(run=_bench)
         else:
+            sub.add_argument(
+                "--address",
+                metavar="ADDRESS",
+                help="a Dask (tcp://HOST:PORT) or Ray (HOST:PORT, ray://HOST:PORT) cluster "
+                "to weigh too: is it worth its cost per task?",
+            )
             sub.set_defaults(run=_advise)
     from . import _cli_load, _cli_service
 
@@ -423,15 +430,30 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from .advisor import measure
+    from ._errors import EscalaError
+    from ._options import Options
+    from .advisor import measure, weigh
 
+    if args.address is not None:
+        try:
+            Options(mode="auto", address=args.address)  # its form, before any work
+        except ValueError as bad:
+            raise UsageError(f"--address: {bad}") from None
     fn = load_function(args.target)
     items = load_items(args)
     task = _Star(fn) if args.star else fn
     advice, sample, probe = measure(task, iter(items), len(items))
-    if probe is not None:
-        probe.hand_over(lambda group: None)
-        probe.join()
+    try:
+        if args.address is not None:
+            advice, backend = weigh(advice, args.address)
+            if backend is not None:
+                backend.shutdown(cancel=False)
+    except EscalaError as unreachable:
+        raise UsageError(str(unreachable)) from None
+    finally:
+        if probe is not None:
+            probe.hand_over(lambda group: None)
+            probe.join()
     if sample is not None and sample.groups and 0 in sample.groups[0].failures:
         exc = sample.groups[0].failures[0]
         raise TaskFailed(

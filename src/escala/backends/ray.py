@@ -129,7 +129,8 @@ class RayBackend(RemoteBackend):
                 )
             except (ConnectionError, OSError, ValueError) as exc:
                 raise EscalaError(
-                    f"could not reach the Ray cluster at {address!r}: {exc}. Start one "
+                    f"could not reach the Ray cluster at {address!r}: "
+                    f"{str(exc).strip().rstrip('.')}. Start one "
                     "(ray start --head), check the address, or leave address out to start "
                     "a local cluster."
                 ) from exc
