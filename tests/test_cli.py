@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,9 @@ USER_MODULE = textwrap.dedent(
 
     def add(a, b):
         return a + b
+
+    def double(x):
+        return 2 * x
 
     def broken(x):
         raise ValueError(f"cannot handle {x}")
@@ -186,3 +190,18 @@ def test_no_command_shows_the_help() -> None:
     )
     assert done.returncode == 2
     assert "demo" in done.stdout and "bench" in done.stdout and "advise" in done.stdout
+
+
+def test_advise_weighs_a_cluster_at_an_address(project: pathlib.Path, dask_cluster: Any) -> None:
+    address = dask_cluster.scheduler.address
+    done = escala(project, "advise", "usertasks:double", "--range", "300", "--address", address)
+    assert done.returncode == 0, done.stderr
+    # trivial tasks: the cluster's cost per task is named, and the work stays here
+    assert f"The Dask cluster at {address}" in done.stdout.replace("\n", " ")
+    assert "ms per task" in done.stdout and "mode=dask" not in done.stdout
+
+
+def test_advise_refuses_an_address_of_no_engine(project: pathlib.Path) -> None:
+    done = escala(project, "advise", "usertasks:wait", "--range", "3", "--address", "http://x")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--address: cannot tell which engine runs the cluster at 'http://x'" in done.stderr
