@@ -106,6 +106,26 @@ def test_kill_9_of_a_worker_mid_job_and_another_finishes_it(app: pathlib.Path, p
         assert "queued again: 1" in rescuer.text()
 
 
+def test_a_worker_stopped_with_sigterm_hands_its_job_to_another(
+    app: pathlib.Path, pg_url: str
+) -> None:
+    marker = app / "started"
+    with (
+        serving(app, "--no-auth", "--store", pg_url, "--executor", "none") as server,
+        server.client() as client,
+    ):
+        leaving = Server(app, "--store", pg_url, "--grace", "1", command="worker")
+        job_id = submit(client, "first_run_hangs", str(marker))
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", params={"timeout": 60}) as stream:
+            assert "event: running" in list(_until(stream.iter_lines(), "event: running"))
+        # the default lease (30 s) would keep it for long: it comes back by release
+        with workers(app, pg_url, 1, "--lease", "30"):
+            assert leaving.stop() == 0
+            job = wait(client, job_id, timeout=20)
+        assert job["state"] == "succeeded" and job["result"] == "ran again"
+        assert "running jobs that did not finish in 1 s, queued again: 1" in leaving.text()
+
+
 def _until_true(check: Callable[[], bool], within: float = 60) -> None:
     """Poll ``check`` (a read of the outside world) until it holds; fail after ``within``."""
     deadline = time.monotonic() + within

@@ -189,15 +189,17 @@ class Service:
                     ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
         await self._probe.stop()
         await asyncio.to_thread(self.executor.stop, kill)
-        if self.shared is not None:
-            await self.shared.stop()
         try:
             released = await self.store.release(self.owner, unfinished) if unfinished else 0
             if released:
                 log.warning(
                     "running jobs that did not finish in %g s, queued again: %d", grace, released
                 )
+                if self.shared is not None:  # for the other nodes to take at once
+                    self.shared.requeued()
         finally:
+            if self.shared is not None:
+                await self.shared.stop()
             await self.store.close()
             self.state = Lifecycle.STOPPED
         log.info(

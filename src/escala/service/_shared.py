@@ -106,6 +106,11 @@ class SharedQueue:
         self._queued.add(pool)
         self._pending.set()
 
+    def requeued(self) -> None:
+        """Say that jobs of every pool went back to the queue (a node stopping, or reaping)."""
+        self._queued.update(self._tasks)
+        self._pending.set()
+
     def finished(self, job_id: str) -> None:
         """Say that a job ended here, for clients waiting on other nodes."""
         self._done.append(job_id)
@@ -184,10 +189,9 @@ class SharedQueue:
                             "jobs whose node stopped renewing their lease, queued again: %d",
                             recovered,
                         )
+                        self.requeued()
                         for pool in self._tasks:
-                            self._queued.add(pool)
                             self._wake(pool)
-                        self._pending.set()
             except Exception as exc:
                 log.warning("reading the shared queue failed (%s); retrying", exc)
 
