@@ -13,6 +13,11 @@ Two workloads, each run on four set-ups in the same invocation:
   that one node can finish at most 160 a second: capacity that only more nodes add. This
   is what ``escala worker`` is for, and how far the shared queue lets it grow.
 
+Then the two statements whose cost decides how far one database goes, timed against a
+queue of 1,000, 20,000 and 100,000 jobs of 50 users: the fair claim of 16 jobs (every
+node runs it whenever it has room) and the backlog count (every accepting node, twice a
+second).
+
 Set-ups: ``escala serve`` alone on SQLite (one node does everything: the default);
 ``escala serve`` alone on PostgreSQL; and ``serve --executor none`` (accepts only) with 1,
 2 and 4 ``escala worker`` processes on PostgreSQL. Jobs are submitted by a closed loop of
@@ -140,6 +145,52 @@ def run_setup(
         return asyncio.run(main())
 
 
+def bench_statements(pg_server: str, sizes: list[int]) -> Table:
+    """Median time of the fair claim and of the backlog count, by queue length."""
+    from escala.store.postgres import PostgresStore
+
+    table = Table(
+        "the shared queue's statements against a long queue (50 users, median of 7)",
+        ["jobs queued", "claim_next(16)", "backlog()"],
+    )
+
+    async def timed(call: Any) -> float:
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            await call()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[3]
+
+    with fresh_database(pg_server) as url:
+
+        async def main() -> None:
+            store = PostgresStore(url)
+            await store.open()
+            try:
+                for size in sizes:
+                    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+                        await c.execute("DELETE FROM escala_jobs")
+                        await c.execute(
+                            'INSERT INTO escala_jobs (id, "user", task, args, kwargs, '
+                            "priority, state, attempts, created_at) SELECT md5(g::text), "
+                            "'u' || (g %% 50), 'noop', '[]', '{}', 0, 'queued', 0, g "
+                            "FROM generate_series(1, %s) AS g",
+                            (size,),
+                        )
+                        await c.execute("VACUUM ANALYZE escala_jobs")
+                    claim = await timed(lambda: store.claim_next("bench", 16, 30, ["noop"]))
+                    count = await timed(store.backlog)
+                    table.rows.append(
+                        [f"{size:,}", f"{claim * 1000:.1f} ms", f"{count * 1000:.1f} ms"]
+                    )
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run)")
@@ -205,6 +256,7 @@ def main() -> None:
                 if bad:
                     table.notes.append(f"{store} with {runners}: answers other than 202: {bad}")
             show(table)
+        show(bench_statements(pg_server, [1000, 20_000] if args.quick else [1000, 20_000, 100_000]))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     warn_stray_children()

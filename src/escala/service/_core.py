@@ -80,6 +80,8 @@ class Service:
         config: the settings.
         tasks: the tasks to offer, by public name.
         store: where jobs live; default: the one ``config.store`` or ``config.db`` names.
+        accepts: whether clients submit jobs here; ``False`` for ``escala worker``, which
+            only runs what others accepted (and so never counts the shared backlog).
     """
 
     def __init__(
@@ -87,6 +89,8 @@ class Service:
         config: ServiceConfig,
         tasks: Mapping[str, Callable[..., Any]],
         store: Store | None = None,
+        *,
+        accepts: bool = True,
     ) -> None:
         if store is None:
             store = open_store(config.where)
@@ -129,6 +133,7 @@ class Service:
                 wake=lambda pool: self._wakes[pool].set(),
                 on_done=self._heard_done,
                 on_cancel=self._heard_cancel,
+                count=accepts,
             )
 
     # -- life -------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class SharedQueue:
         wake: called with a pool's name when it may have work.
         on_done: called with the id of a job another node (or this one) finished.
         on_cancel: called with the id of a job cancelled on some node.
+        count: count the backlog twice a second (for a node that accepts jobs: admission
+            control and the dashboard need it). A worker does not: with many workers the
+            counts would be the database's heaviest reads.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class SharedQueue:
         wake: Callable[[str], None],
         on_done: Callable[[str], None],
         on_cancel: Callable[[str], None],
+        count: bool = True,
     ) -> None:
         self.store = store
         self._owner = owner
@@ -75,10 +79,12 @@ class SharedQueue:
         self._done: list[str] = []
         self._cancelled: list[str] = []
         self._pending = asyncio.Event()
+        self._count = count
 
     async def start(self) -> None:
         """Listen to the other nodes and start counting the backlog and reaping leases."""
-        await self._refresh()
+        if self._count:
+            await self._refresh()
         self._loops = [
             asyncio.create_task(self.store.listen(self._heard), name="escala-listen"),
             asyncio.create_task(self._announce(), name="escala-announce"),
@@ -181,7 +187,8 @@ class SharedQueue:
             await asyncio.sleep(REFRESH)
             since_reap += REFRESH
             try:
-                await self._refresh()
+                if self._count:
+                    await self._refresh()
                 if since_reap >= reap_every:
                     since_reap = 0.0
                     if recovered := await self.store.recover(self._owner):

@@ -60,7 +60,7 @@ def work(
 async def _work(
     config: ServiceConfig, tasks: dict[str, Callable[..., Any]], announce: Callable[[str], None]
 ) -> None:
-    service = Service(config, tasks)
+    service = Service(config, tasks, accepts=False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
