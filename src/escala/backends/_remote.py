@@ -81,6 +81,12 @@ class RemoteBackend:
         whatever this backend's ``workers``; once started."""
         raise NotImplementedError
 
+    def _room(self, piece: Any) -> int:
+        """Return how many pieces may be in the engine's hands when ``piece`` is next:
+        one per slot, so that each starts as soon as it is handed over (an engine may
+        override this when its scheduler gives a waiting task to whichever slot frees)."""
+        return self._slots
+
     # -- caller side ----------------------------------------------------------------
 
     def _store(self, data: bytes) -> Any:

@@ -163,7 +163,8 @@ class RayBackend(RemoteBackend):
             self._finalizer = weakref.finalize(self, _release)
         self._remote = ray.remote(max_retries=0, retry_exceptions=False)(_run_batch)
         # as many tasks at once as asked for (``workers``), never more than there are CPUs
-        self._slots = max(1, min(self.workers, _cpus()))
+        self._cpus = _cpus()
+        self._slots = max(1, min(self.workers, self._cpus))
         if self._init is not None:
             self._init_ref = ray.put(self._init)
         self._collector = threading.Thread(
@@ -173,6 +174,18 @@ class RayBackend(RemoteBackend):
 
     def capacity(self) -> int:
         return _cpus()
+
+    def _room(self, piece: _Piece) -> int:
+        """Pieces without a timeout go two per CPU: a CPU that finishes a task finds the
+        next one waiting in Ray's scheduler (which gives it to whichever CPU frees first,
+        on any node) instead of idling for the round trip to this process, measured at
+        5-6 % of the wall time of 75 ms tasks on 2 CPUs. A piece with a timeout goes only
+        to a free CPU, so that its clock counts its run, not a wait in Ray's queue; and
+        when ``workers=`` asked for fewer than the cluster's CPUs, a waiting task would
+        run on another CPU at once, so then one per slot too."""
+        if piece.job.batch.timeout is not None or self._slots < self._cpus:
+            return self._slots  # fewer than all CPUs asked for (workers=): no more at once
+        return 2 * self._slots
 
     def submit(self, batch: Batch, sink: Sink) -> None:
         accepted = self._accept(batch, sink)
@@ -193,11 +206,12 @@ class RayBackend(RemoteBackend):
         self._pump()
 
     def _pump(self) -> None:
-        """Hand queued pieces to Ray while a CPU is free: a task handed over starts at once,
-        so its timeout counts its run, and the engine's window bounds what waits here."""
+        """Hand queued pieces to Ray while a CPU is free, or about to be (``_room``): a task
+        with a timeout starts as soon as it is handed over, so its clock counts its run;
+        the engine's window bounds what waits here."""
         while True:
             with self._lock:
-                if len(self._pieces) >= self._slots or not self._queue:
+                if not self._queue or len(self._pieces) >= self._room(self._queue[0]):
                     return
                 piece = self._queue.popleft()
                 self._pieces[id(piece)] = piece
