@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from .._cpu import usable_cpus
 from ._config import ConfigError, ServiceConfig
 from ._core import Service
 
@@ -48,6 +50,10 @@ def work(
         )
     if config.executor == "none":
         raise ConfigError("executor none would leave a worker with nothing to do")
+    if config.cpu_workers is None and config.executor == "local":
+        # no web process to leave a core for: every usable core runs CPU tasks (at nice
+        # 10, as in serve, so that the event loop and its heartbeats still get their turn)
+        config = dataclasses.replace(config, cpu_workers=usable_cpus())
     announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
     if not log.handlers:
         handler = logging.StreamHandler()
