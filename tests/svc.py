@@ -176,7 +176,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "NO_COLOR": "1"},
+            env={**os.environ, "NO_COLOR": "1", "PYTHONFAULTHANDLER": "1"},
         )
         self.url = self.name = ""
         announced = threading.Event()
@@ -208,10 +208,23 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, as an orchestrator would; return the exit status."""
+        """SIGTERM, as an orchestrator would; return the exit status.
+
+        A node still running after ``timeout`` gets SIGABRT, on which faulthandler
+        (``PYTHONFAULTHANDLER``) prints every thread's stack, and the test fails with
+        its log: a hang at shutdown shows where it hung.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)
+            self.process.wait(30)
+            self._close()
+            raise AssertionError(
+                f"escala did not stop within {timeout} s of SIGTERM:\n{self.text()}"
+            ) from None
         self._close()
         return code
 

@@ -51,6 +51,7 @@ from ._types import (
     TooManyAttempts,
     cancelled_error,
     error_of,
+    stop_loops,
 )
 
 __all__ = ["Service"]
@@ -174,9 +175,7 @@ class Service:
             return
         self.state = Lifecycle.STOPPING
         grace = self.config.grace if grace is None else grace
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await stop_loops(self._loops)
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=grace)
         for running in self._running.values():
@@ -453,7 +452,7 @@ class Service:
     async def _dispatch(self, pool: str) -> None:
         """Start queued jobs of one pool while it has room, fairest first."""
         queue, wake, deadline = self._queues[pool], self._wakes[pool], self._deadlines[pool]
-        while True:
+        while self.state is Lifecycle.SERVING:
             if self.shared is None:
                 await wake.wait()
             else:  # other nodes queue jobs too: look now and then, in case a message was lost
@@ -589,7 +588,7 @@ class Service:
 
     async def _heartbeat(self) -> None:
         """Renew the leases of running jobs, so that nobody takes them while they run."""
-        while True:
+        while self.state is Lifecycle.SERVING:
             await asyncio.sleep(self.config.lease / 3)
             try:
                 await self.store.heartbeat(self.owner, self.config.lease)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,10 +13,9 @@ import uvicorn
 from ._app import create_app
 from ._config import ServiceConfig
 from ._core import Service
+from ._types import console
 
 __all__ = ["serve"]
-
-log = logging.getLogger("escala.service")
 
 
 def serve(
@@ -38,12 +35,7 @@ def serve(
     process pool. Several web processes would each need their own pool or a broker
     between them, and each would fight the pool for cores.
     """
-    announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("escala serve: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    announce = announce or console("serve")
     asyncio.run(_serve(config, tasks, announce))
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..store import Job, SharedStore
 from ._admission import QueueDeadline
+from ._types import stop_loops
 
 __all__ = ["POLL", "SharedQueue"]
 
@@ -80,6 +81,7 @@ class SharedQueue:
         self._cancelled: list[str] = []
         self._pending = asyncio.Event()
         self._count = count
+        self._serving = True  # the loops end at their next turn once this is False
 
     async def start(self) -> None:
         """Listen to the other nodes and start counting the backlog and reaping leases."""
@@ -93,9 +95,8 @@ class SharedQueue:
 
     async def stop(self) -> None:
         """Send what is left to say, then stop listening."""
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._serving = False
+        await stop_loops(self._loops)
         self._loops = []
         with contextlib.suppress(Exception):
             await self._flush()
@@ -156,7 +157,7 @@ class SharedQueue:
                 self._wake(pool)
 
     async def _announce(self) -> None:
-        while True:
+        while self._serving:
             await self._pending.wait()
             try:
                 await self._flush()
@@ -183,7 +184,7 @@ class SharedQueue:
         """Count the backlog now and then; put back the jobs of nodes that died."""
         reap_every = max(REFRESH, self._lease / 3)
         since_reap = 0.0
-        while True:
+        while self._serving:
             await asyncio.sleep(REFRESH)
             since_reap += REFRESH
             try:

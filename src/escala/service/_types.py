@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import enum
+import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +22,11 @@ __all__ = [
     "RunResult",
     "TooManyAttempts",
     "cancelled_error",
+    "console",
     "error_of",
     "report_progress",
     "reporter",
+    "stop_loops",
     "yield_to_the_loop",
 ]
 
@@ -113,3 +118,33 @@ def error_of(exc: BaseException, what: str = "") -> dict[str, str]:
 
 def cancelled_error() -> dict[str, str]:
     return {"type": "Cancelled", "message": "cancelled by the user"}
+
+
+def console(command: str) -> Callable[[str], None]:
+    """Send the service's log to stderr as ``escala COMMAND: ...`` lines (unless the host
+    program configured it), and return how to print an announcement there."""
+    log = logging.getLogger("escala.service")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"escala {command}: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+async def stop_loops(loops: list[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel background loops and wait for them, ``timeout`` seconds at most.
+
+    Bounded because a cancellation can be lost inside a library (psycopg's pool has had
+    such races, psycopg/psycopg#1345): a shutdown must not hang on it. The loops also
+    check a flag at every turn, so one that missed its cancel still ends by itself.
+    """
+    for task in loops:
+        task.cancel()
+    if not loops:
+        return
+    _, pending = await asyncio.wait(loops, timeout=timeout)
+    for task in pending:
+        logging.getLogger("escala.service").warning(
+            "%s did not stop within %g s of being cancelled; leaving it", task.get_name(), timeout
+        )

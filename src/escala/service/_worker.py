@@ -11,19 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from .._cpu import usable_cpus
 from ._config import ConfigError, ServiceConfig
 from ._core import Service
+from ._types import console
 
 __all__ = ["work"]
-
-log = logging.getLogger("escala.service")
 
 
 def work(
@@ -54,12 +51,7 @@ def work(
         # no web process to leave a core for: every usable core runs CPU tasks (at nice
         # 10, as in serve, so that the event loop and its heartbeats still get their turn)
         config = dataclasses.replace(config, cpu_workers=usable_cpus())
-    announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("escala worker: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    announce = announce or console("worker")
     asyncio.run(_work(config, tasks, announce))
 
 

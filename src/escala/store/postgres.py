@@ -501,7 +501,7 @@ class PostgresStore:
         if self._state != "open":
             raise StoreError("store is not open")
         failures = 0
-        while True:
+        while self._state == "open":  # ends once the store is closed, even if a cancel is lost
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT
