@@ -199,13 +199,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def _keys_store(args: argparse.Namespace) -> Any:
     """The store that ``escala keys`` works on: ``--store``'s URL, else ``--db``'s file."""
-    from .store import StoreError, is_store_url, open_store
+    from .store import StoreError, is_store_url, not_a_store_url, open_store
 
     if args.store is not None and not is_store_url(args.store):
-        raise UsageError(
-            f"--store must be a PostgreSQL URL such as postgresql://user@host:5432/dbname, "
-            f"got {args.store!r} (a SQLite file is given as --db)"
-        )
+        raise UsageError(f"--store {not_a_store_url(args.store)}")
     try:
         # not exclusive: keys may be managed while a server runs on the same file
         return open_store(args.store or args.db, exclusive=False)

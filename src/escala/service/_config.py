@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .._cpu import usable_cpus
+from ..store import is_store_url, not_a_store_url
 
 __all__ = ["ConfigError", "ServiceConfig"]
 
@@ -106,11 +107,8 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
         if self.rate is not None and self.rate <= 0:
             raise ConfigError(f"rate must be positive (jobs per second), got {self.rate!r}")
-        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
-            raise ConfigError(
-                f"store must be a PostgreSQL URL such as postgresql://user@host:5432/dbname, "
-                f"got {self.store!r} (a SQLite file is given as db)"
-            )
+        if self.store is not None and not is_store_url(self.store):
+            raise ConfigError(f"store {not_a_store_url(self.store)}")
         if self.executor not in ("local", "none", "ray") and not self.executor.startswith("ray://"):
             raise ConfigError(
                 f"executor must be local, none, ray or ray://HOST:PORT, got {self.executor!r}"

@@ -49,6 +49,7 @@ from ._types import (
     Refused,
     RunResult,
     TooManyAttempts,
+    UnknownTask,
     cancelled_error,
     error_of,
     stop_loops,
@@ -242,18 +243,9 @@ class Service:
         if gone:
             # jobs of a task this app no longer offers would wait forever: end them, and say why
             for job in await self.store.claim([j.id for j in gone], self.owner, self.config.lease):
-                if job.task not in self.tasks:
-                    error = {
-                        "type": "UnknownTask",
-                        "message": f"task {job.task!r} is no longer offered",
-                    }
-                else:
-                    # a job that keeps taking its server down must not do it forever
-                    error = {
-                        "type": "TooManyAttempts",
-                        "message": f"the server stopped or crashed each of the {limit} times "
-                        "this job ran; it is not run again",
-                    }
+                # a job that keeps taking its server down must not do it forever
+                unknown = job.task not in self.tasks
+                error = error_of(UnknownTask(job.task) if unknown else TooManyAttempts(limit))
                 log.warning("job %s (task %s) failed: %s", job.id, job.task, error["message"])
                 await self.store.finish(job.id, self.owner, JobState.FAILED, error=error)
         if stored:
@@ -519,10 +511,7 @@ class Service:
         try:
             if job is not None and job.attempts > self.config.max_attempts:
                 # claimed again after its node died under it each time: stop there
-                raise TooManyAttempts(
-                    f"the node running this job stopped or crashed each of the "
-                    f"{self.config.max_attempts} times it ran; it is not run again"
-                )
+                raise TooManyAttempts(self.config.max_attempts)
             args, kwargs = (
                 (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
             )

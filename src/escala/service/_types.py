@@ -21,6 +21,7 @@ __all__ = [
     "Refused",
     "RunResult",
     "TooManyAttempts",
+    "UnknownTask",
     "cancelled_error",
     "console",
     "error_of",
@@ -45,6 +46,19 @@ class Refused(Exception):
 
 class TooManyAttempts(Exception):
     """A job whose server stopped or crashed under it too many times: it runs no more."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the server running this job stopped or crashed each of the {limit} times it "
+            "ran; it is not run again"
+        )
+
+
+class UnknownTask(Exception):
+    """A stored job of a task that the app no longer offers."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"task {task!r} is no longer offered")
 
 
 class Lifecycle(enum.Enum):

@@ -39,6 +39,7 @@ __all__ = [
     "StoreError",
     "is_shared",
     "is_store_url",
+    "not_a_store_url",
     "open_store",
 ]
 
@@ -246,6 +247,14 @@ def is_shared(store: Store) -> TypeGuard[SharedStore]:
 def is_store_url(where: str) -> bool:
     """Return whether ``where`` is a PostgreSQL connection URL rather than a file path."""
     return where.startswith(("postgresql://", "postgres://"))
+
+
+def not_a_store_url(where: str) -> str:
+    """Say what a store URL must look like, for an error about ``where``."""
+    return (
+        f"must be a PostgreSQL URL such as postgresql://user@host:5432/dbname, got {where!r} "
+        "(a SQLite file is given with --db)"
+    )
 
 
 def open_store(where: str | Path, *, exclusive: bool = True) -> Store:
