@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from escala._adaptive import ConcurrencyLimit
-from escala._drive import drive
-from escala._engine import BatchSizer, Scheduler
+from escala._core.adaptive import ConcurrencyLimit
+from escala._core.drive import drive
+from escala._core.scheduler import BatchSizer, Scheduler
 from escala._options import Retry
+from escala._worker.messages import Call
 from escala.advisor import Measurements, Reason
 from escala.advisor._decide import THREADS_CAP, decide
-from escala.backends.base import Call
 from escala.backends.threads import ThreadBackend
 
 

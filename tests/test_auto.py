@@ -208,8 +208,8 @@ def test_no_task_runs_twice_because_it_was_measured(
         pytest.skip("needs two usable cores")
     chosen: list[escala.Advice] = []
     from escala._auto import run_auto
+    from escala._core.plan import collect
     from escala._options import Options
-    from escala._plan import collect
 
     runs = Runs(tmp_path)
     task = counted(runs, work)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 import escala
-from escala._cpu import NATIVE_THREAD_VARS, cgroup_cpu_quota, usable_cpus
+from escala._worker.cpu import NATIVE_THREAD_VARS, cgroup_cpu_quota, usable_cpus
 
 
 def _cgroup_v2(root: pathlib.Path, cpu_max: str, nested: str | None = None) -> pathlib.Path:

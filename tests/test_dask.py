@@ -17,8 +17,8 @@ import pytest
 
 import escala
 from escala._auto import run_auto
+from escala._core.plan import collect
 from escala._options import Options
-from escala._plan import collect
 from escala.advisor import _cluster
 from escala.advisor._explain import human_time
 

@@ -159,7 +159,7 @@ def test_pool_properties() -> None:
 def test_auto_batching_sends_trivial_tasks_in_few_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """100,000 trivial calls must not cost 100,000 round trips to the workers."""
     from escala import _pool
-    from escala._engine import Scheduler
+    from escala._core.scheduler import Scheduler
 
     made: list[Scheduler] = []
     original = _pool.make_scheduler

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from escala import Retry
-from escala._engine import BatchSizer, Outcome, Scheduler
-from escala.backends.base import Batch, Call, Done, Failure
+from escala._core.scheduler import BatchSizer, Outcome, Scheduler
+from escala._worker.messages import Batch, Call, Done, Failure
 
 
 class Clock:
@@ -214,7 +214,7 @@ def test_lost_bookkeeping_fails_loudly_instead_of_hanging() -> None:
     """If the scheduler ever held tasks with nothing running or due to hand them back, the
     driver must raise rather than wait forever (white-box: the state is forced)."""
     import escala
-    from escala._drive import _check_progress
+    from escala._core.drive import _check_progress
 
     sched = make()
     sched.take(["a"])

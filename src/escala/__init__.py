@@ -33,9 +33,7 @@ from ._api import aimap as aimap
 from ._api import amap as amap
 from ._api import imap as imap
 from ._api import map as map
-from ._calls import worker_state as worker_state
-from ._cpu import usable_cpus as usable_cpus
-from ._engine import Outcome as Outcome
+from ._core.scheduler import Outcome as Outcome
 from ._errors import BrokenWorker as BrokenWorker
 from ._errors import EngineMissing as EngineMissing
 from ._errors import EscalaError as EscalaError
@@ -51,6 +49,8 @@ from ._options import Options as Options
 from ._options import Retry as Retry
 from ._pool import Pool as Pool
 from ._task import task as task
+from ._worker.context import worker_state as worker_state
+from ._worker.cpu import usable_cpus as usable_cpus
 from .advisor import Advice as Advice
 from .advisor import advise as advise
 

@@ -12,10 +12,8 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 from ._auto import run_auto
-from ._drive import Chunk, adrive, drive
-from ._engine import Outcome, Scheduler
-from ._options import ErrorPolicy, Options, RunOptions
-from ._plan import (
+from ._core.drive import Chunk, adrive, drive
+from ._core.plan import (
     Plan,
     check_arguments,
     collect,
@@ -27,8 +25,11 @@ from ._plan import (
     total_of,
     values_of,
 )
-from ._progress import progress_for
-from .backends.base import Backend, Call
+from ._core.progress import progress_for
+from ._core.scheduler import Outcome, Scheduler
+from ._options import ErrorPolicy, Options, RunOptions
+from ._worker.messages import Call
+from .backends.base import Backend
 
 __all__ = ["aimap", "amap", "imap", "map"]
 

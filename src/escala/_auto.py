@@ -18,17 +18,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from ._adaptive import ConcurrencyLimit
-from ._drive import Chunk, drive
-from ._engine import Scheduler
+from ._core.adaptive import ConcurrencyLimit
+from ._core.drive import Chunk, drive
+from ._core.plan import make_backend, make_scheduler, plan_for, total_of
+from ._core.progress import progress_for
+from ._core.scheduler import Scheduler
 from ._errors import TaskTimeout
 from ._options import ENGINES, Options
-from ._plan import make_backend, make_scheduler, plan_for, total_of
-from ._progress import progress_for
+from ._worker.messages import Batch, Call, Done, Failure, Sink
 from .advisor import Advice, measure, weigh
-from .advisor._decide import THREADS_CAP
 from .advisor._probe import Group, Probe, Sample
-from .backends.base import Backend, Batch, Call, Done, Failure, Sink
+from .advisor._rules import THREADS_CAP
+from .backends.base import Backend
 
 __all__ = ["run_auto"]
 

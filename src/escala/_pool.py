@@ -8,11 +8,8 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar, Unpack
 
-from ._drive import Chunk, drive
-from ._engine import Scheduler
-from ._errors import PoolClosed
-from ._options import CallOptions, ErrorPolicy, Mode, Options, WorkerOptions
-from ._plan import (
+from ._core.drive import Chunk, drive
+from ._core.plan import (
     Plan,
     check_arguments,
     collect,
@@ -23,8 +20,12 @@ from ._plan import (
     total_of,
     values_of,
 )
-from ._progress import progress_for
-from .backends.base import Apply, Backend, Batch, Call, Done
+from ._core.progress import progress_for
+from ._core.scheduler import Scheduler
+from ._errors import PoolClosed
+from ._options import CallOptions, ErrorPolicy, Mode, Options, WorkerOptions
+from ._worker.messages import Apply, Batch, Call, Done
+from .backends.base import Backend
 
 __all__ = ["Pool"]
 
@@ -115,7 +116,7 @@ class Pool:
         backend = self._engine_for(fn)
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
         index = next(self._submitted)
-        batch = Batch(Call(fn, Apply.CALL), [index], [(args, kwargs)], self._options.timeout)
+        batch = Batch(Call(fn, Apply.CALL, self._options.timeout), [index], [(args, kwargs)])
 
         def sink(done: Done) -> None:
             if done.lost:  # never started (its worker died first): send it again

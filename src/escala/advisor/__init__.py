@@ -19,14 +19,15 @@ from typing import Any
 
 import cloudpickle
 
-from .._cpu import usable_cpus
 from .._options import Options
 from .._task import kind_of
+from .._worker.cpu import usable_cpus
 from ._advice import Advice, Cluster, Measurements, Reason
 from ._cluster import weigh
-from ._decide import TINY_JOB, decide, decide_for_coroutine, decide_from_hint
+from ._decide import decide, decide_for_coroutine, decide_from_hint
 from ._overhead import overheads
 from ._probe import Probe, Sample
+from ._rules import TINY_JOB
 
 __all__ = ["Advice", "Cluster", "Measurements", "Reason", "advise", "measure", "weigh"]
 
@@ -48,7 +49,7 @@ def _pickled_size(obj: Any) -> int | None:
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
-    from .._plan import is_async
+    from .._core.plan import is_async
 
     return is_async(fn)
 

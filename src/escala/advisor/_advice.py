@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from ._explain import explain
+from ._rules import Reason
+
 __all__ = ["Advice", "Cluster", "Measurements", "Reason"]
-
-
-class Reason(enum.Enum):
-    """Why a mode was chosen; each has its own sentence in :meth:`Advice.explain`."""
-
-    COROUTINE = "coroutine"  # fn is async: its waits overlap on one event loop
-    HINT_IO = "hint-io"  # @escala.task(kind="io")
-    HINT_CPU = "hint-cpu"  # @escala.task(kind="cpu")
-    WAITS = "waits"  # CPU time a small share of wall time: I/O-bound
-    RELEASES_GIL = "releases-gil"  # CPU-bound, but two threads ran at once
-    HOLDS_GIL = "holds-gil"  # CPU-bound Python holding the GIL: processes
-    TOO_SMALL = "too-small"  # the whole job costs less than handing it off
-    ONE_CORE = "one-core"  # CPU-bound and only one usable core
-    NOT_PICKLABLE = "not-picklable"  # would be processes, but cannot be sent
-    ALL_SAMPLED = "all-sampled"  # the sampling ran every item already
-    CLUSTER = "cluster"  # the cluster given by address= pays for what a task costs there
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +132,6 @@ class Advice:
 
     def explain(self) -> str:
         """Say in plain words what was measured and why this mode was chosen."""
-        from ._explain import explain
-
         return explain(self)
 
     def __str__(self) -> str:

@@ -27,8 +27,9 @@ from typing import Any, cast
 
 from .._errors import EscalaError
 from .._options import engine_of
+from .._worker.messages import Batch, Call, Done
 from ..backends import create
-from ..backends.base import Batch, Call, ClusterBackend, Done
+from ..backends.base import ClusterBackend
 from ._advice import Advice, Cluster, Reason
 from ._decide import decide_cluster
 

@@ -23,7 +23,18 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ._advice import Advice, Cluster, Measurements, Reason
+from ._advice import Advice, Cluster, Measurements
+from ._rules import (
+    ASSUMED_ITEMS,
+    BATCH_TARGET,
+    CLUSTER_GAIN,
+    MAX_BATCH,
+    MIN_GAIN,
+    PICKLE_RATE,
+    THREADS_CAP,
+    TINY_JOB,
+    Reason,
+)
 
 __all__ = [
     "THREADS_CAP",
@@ -32,25 +43,6 @@ __all__ = [
     "decide_for_coroutine",
     "decide_from_hint",
 ]
-
-#: The most threads advised for waiting work (the adaptive limit may move within it).
-THREADS_CAP = 256
-#: A parallel mode must promise at least this much of a gain over sequential.
-MIN_GAIN = 1.1
-#: Batches are sized to about this much work (the engine's BatchSizer.TARGET).
-BATCH_TARGET = 0.02
-#: Pickling throughput assumed for moving arguments and results (bytes per second).
-PICKLE_RATE = 500e6
-#: A whole job shorter than this runs sequentially without measuring any hand-off: no
-#: worker starts faster.
-TINY_JOB = 0.005
-#: Items assumed when the input has no length.
-ASSUMED_ITEMS = 10_000
-#: The cluster must promise to finish this many times sooner than this machine's best mode:
-#: its figures come from a few empty tasks, and a shared cluster's load changes.
-CLUSTER_GAIN = 1.25
-#: The most tasks per hand-off (the engine's BatchSizer.CAP).
-MAX_BATCH = 16384
 
 
 def decide_for_coroutine(workers: int) -> Advice:

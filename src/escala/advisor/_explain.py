@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from ._advice import Advice, Cluster, Measurements, Reason
-from ._decide import CLUSTER_GAIN
+from typing import TYPE_CHECKING
+
+from ._rules import CLUSTER_GAIN, Reason
+
+if TYPE_CHECKING:  # the types only: _advice imports this module to explain itself
+    from ._advice import Advice, Cluster, Measurements
 
 __all__ = ["explain", "human_time"]
 

@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._calls import WorkerContext
-from ..backends.base import Batch, Call
+from .._worker.context import WorkerContext
+from .._worker.messages import Batch, Call
 
 __all__ = ["Group", "Probe", "Sample", "budget"]
 

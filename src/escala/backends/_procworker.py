@@ -84,9 +84,9 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
             pass
     _watch_parent(setup.parent_pid, setup.parent_alive)
 
-    from .._calls import WorkerContext
-    from .._cpu import cap_native_threads
-    from .._pickling import dump_exception, dump_values, dumps, loads
+    from .._worker.context import WorkerContext
+    from .._worker.cpu import cap_native_threads
+    from .._worker.pickling import dump_exception, dump_values, dumps, loads
 
     cap_native_threads(setup.native_threads, loaded=setup.cap_loaded)
     where = f"worker process {os.getpid()}"
@@ -102,7 +102,7 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
         return
     conn.send_bytes(dumps((Msg.READY,)))
 
-    from .base import Batch, Call, Failure
+    from .._worker.messages import Batch, Call, Failure
 
     functions: dict[int, Callable[..., Any]] = {}
     # Functions that failed to load: the parent counts them as sent, so later batches

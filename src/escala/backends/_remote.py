@@ -17,10 +17,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._calls import WorkerContext
 from .._errors import BrokenWorker, EscalaError, PoolClosed, RemoteTraceback, SendError
-from .._pickling import dump_exception, dump_function, dump_values, loads
-from .base import Apply, Batch, Call, Done, Failure, Sink
+from .._worker.context import WorkerContext
+from .._worker.messages import Apply, Batch, Call, Done, Failure, Sink
+from .._worker.pickling import dump_exception, dump_function, dump_values, loads
 
 #: Distinct functions kept in the cluster (and decoded in each worker) before the oldest
 #: are released.

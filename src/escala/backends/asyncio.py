@@ -20,9 +20,9 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from .._calls import _state
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
-from .base import Batch, Call, Done, Failure, Sink, invoke
+from .._worker.context import _state
+from .._worker.messages import Batch, Call, Done, Failure, Sink, invoke
 
 __all__ = ["AsyncBackend"]
 

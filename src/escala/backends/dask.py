@@ -54,11 +54,11 @@ from typing import Any
 import dask
 import distributed
 
-from .._cpu import usable_cpus
 from .._errors import EscalaError, TaskTimeout, WorkerDied
-from .._pickling import dump_exception, dump_function, dumps, loads
+from .._worker.cpu import usable_cpus
+from .._worker.messages import Batch, Failure, Sink
+from .._worker.pickling import dump_exception, dump_function, dumps, loads
 from ._remote import Piece, RemoteBackend, WorkerState
-from .base import Batch, Failure, Sink
 
 __all__ = ["DaskBackend"]
 

@@ -39,8 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._calls import UNTRACKED
-from .._cpu import loaded_pools_exceed, usable_cpus
 from .._errors import (
     BrokenWorker,
     EscalaError,
@@ -51,9 +49,11 @@ from .._errors import (
     WorkerDied,
     describe_exit,
 )
-from .._pickling import dump_function, dump_values, dumps, loads
+from .._worker.context import UNTRACKED
+from .._worker.cpu import loaded_pools_exceed, usable_cpus
+from .._worker.messages import Batch, Done, Failure, Sink
+from .._worker.pickling import dump_function, dump_values, dumps, loads
 from ._procworker import POS_SPAN, SLOT_START, SLOT_TASK, Msg, WorkerSetup, worker_main
-from .base import Batch, Done, Failure, Sink
 
 __all__ = ["ProcessBackend"]
 

@@ -47,11 +47,11 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from .._cpu import usable_cpus
 from .._errors import EscalaError, TaskTimeout, WorkerDied
-from .._pickling import dump_function, dumps
+from .._worker.cpu import usable_cpus
+from .._worker.messages import Batch, Sink
+from .._worker.pickling import dump_function, dumps
 from ._remote import Piece, RemoteBackend, WorkerState
-from .base import Batch, Sink
 
 __all__ = ["RayBackend"]
 

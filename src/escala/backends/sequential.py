@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._calls import WorkerContext, _state
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
-from .base import Batch, Done, Failure, Sink
+from .._worker.context import WorkerContext, _state
+from .._worker.messages import Batch, Done, Failure, Sink
 
 __all__ = ["SequentialBackend"]
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._calls import WorkerContext
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
-from .base import Batch, Done, Failure, Sink
+from .._worker.context import WorkerContext
+from .._worker.messages import Batch, Done, Failure, Sink
 
 __all__ = ["ThreadBackend"]
 

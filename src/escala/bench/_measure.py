@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import escala
 
-from .._cpu import usable_cpus
+from .._core.plan import plan_for
 from .._options import Mode, Options
-from .._plan import plan_for
+from .._worker.cpu import usable_cpus
 from ._sampler import PeakRss
 from .workloads import Prepared, Workload, get
 

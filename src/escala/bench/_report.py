@@ -18,7 +18,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from .._cpu import usable_cpus
+from .._worker.cpu import usable_cpus
 from ._measure import Comparison, RunResult, Status
 
 __all__ = ["explanations", "save_chart", "table", "to_json"]

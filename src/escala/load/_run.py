@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 
-from .._cpu import usable_cpus
+from .._worker.cpu import usable_cpus
 from ._board import Board, Field, Snapshot
 from ._closed import run_closed
 from ._open import run_open

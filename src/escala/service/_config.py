@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .._cpu import usable_cpus
+from .._worker.cpu import usable_cpus
 from ..store import is_store_url, not_a_store_url
 
 __all__ = ["ConfigError", "ServiceConfig"]

@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from .._cpu import usable_cpus
+from .._worker.cpu import usable_cpus
 from ._config import ConfigError, ServiceConfig
 from ._core import Service
 from ._types import console

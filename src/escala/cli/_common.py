@@ -1,9 +1,4 @@
-"""What every ``escala`` subcommand shares: its two errors and its argument types.
-
-A module of its own because ``python -m escala.cli`` runs ``cli.py`` as ``__main__``:
-a subcommand module importing ``escala.cli`` would get a second copy of the errors,
-which ``main`` would not catch.
-"""
+"""What every ``escala`` subcommand shares: its two errors and its argument types."""
 
 from __future__ import annotations
 

@@ -39,12 +39,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cli_common import TaskFailed, UsageError
+from .._common import TaskFailed, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from .load import Comparison, LoadReport, LoadSpec, Progress
+    from ...load import Comparison, LoadReport, LoadSpec, Progress
 
 __all__ = ["LoopLag", "OffloadPhase", "OverloadPhase", "Results", "run"]
 
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, *, machine: str, leftovers: Callable[[], str])
         ) from None
     from rich.console import Console
 
-    from . import _demo_service_show as show
+    from . import _show as show
 
     console = Console()
     console.print(f"[bold]escala demo --service[/bold] · {machine}")
@@ -182,8 +182,8 @@ def _demonstrate(
     results: Results, fleet: _Fleet, say: Callable[[RenderableType], None], console: Console
 ) -> None:
     """Run the three scenarios, printing each table as soon as it is measured."""
-    from . import _demo_service_show as show
-    from .load import _show as load_show
+    from ...load import _show as load_show
+    from . import _show as show
 
     def progress(label: str) -> Callable[[Progress], None]:
         return lambda where: say(load_show.progress_line(where, label))
@@ -213,7 +213,7 @@ def _demonstrate(
 
 
 def _spec(url: str, args: Sequence[Any] | None = None, **pacing: Any) -> LoadSpec:
-    from .load import LoadSpec
+    from ...load import LoadSpec
 
     body = None if args is None else json.dumps({"args": list(args)}).encode()
     return LoadSpec(url=url, body=body, **pacing)
@@ -230,7 +230,7 @@ def _simultaneous(
     url: str, scale: float, progress: Callable[[str], Callable[[Progress], None]]
 ) -> Comparison:
     """(a) ``compare``: the same naps one after another, then CONCURRENCY at a time."""
-    from .load import compare
+    from ...load import compare
 
     count = max(CONCURRENCY, round(60 * scale))
     # a bound that one-after-another keeps on any machine that is not at a standstill
@@ -273,7 +273,7 @@ def _offload(
     the same pool, so that where the work runs is the only difference. The loop lag of a
     phase is the difference of the server's histogram read before and after it.
     """
-    from .load import arun
+    from ...load import arun
 
     n = results.fib_n
     # 40% of one core at most: both placements keep up, and only the loop's share differs
@@ -299,7 +299,7 @@ def _offload(
 
 def _overload(url: str, duration: float, progress: Callable[[Progress], None]) -> LoadReport:
     """(c) naps offered at OVERLOAD × capacity, open model, for ``duration`` seconds."""
-    from .load import run as load
+    from ...load import run as load
 
     capacity = IO_LIMIT / OVERLOAD_NAP
     spec = _spec(

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._cli_common import TaskFailed, UsageError
-from ._cli_common import positive_float as _positive_float
-from ._cli_common import positive_int as _positive_int
-from .bench.workloads.base import Prepared, Workload
+from ..bench.workloads.base import Prepared, Workload
+from ._common import TaskFailed, UsageError
+from ._common import positive_float as _positive_float
+from ._common import positive_int as _positive_int
 
 __all__ = ["main"]
 
@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                 "to weigh too: is it worth its cost per task?",
             )
             sub.set_defaults(run=_advise)
-    from . import _cli_load, _cli_service
+    from . import _load as _cli_load
+    from . import _service as _cli_service
 
     _cli_service.add_commands(commands)
     _cli_load.add_commands(commands)
@@ -136,7 +137,7 @@ def _names(text: str) -> list[str]:
 
 
 def _modes(text: str) -> list[str]:
-    from ._options import MODES
+    from .._options import MODES
 
     modes = _names(text)
     for mode in modes:
@@ -288,7 +289,7 @@ def _console() -> Any:
 
 
 def _machine_line() -> str:
-    from . import __version__, usable_cpus
+    from .. import __version__, usable_cpus
 
     return (
         f"escala {__version__} · Python {platform.python_version()} · "
@@ -309,7 +310,7 @@ def _demo(args: argparse.Namespace) -> int:
         from . import _demo_service
 
         return _demo_service.run(args, machine=_machine_line(), leftovers=_leftovers)
-    from . import bench
+    from .. import bench
 
     known = bench.workloads.names()
     chosen = args.workloads or known
@@ -382,7 +383,7 @@ def _print_auto(console: Any, comparisons: Sequence[Any]) -> None:
 def _outputs(
     console: Any, comparisons: Sequence[Any], json_path: str | None, chart: str | None
 ) -> None:
-    from . import bench
+    from .. import bench
 
     if json_path:
         Path(json_path).write_text(json.dumps(bench.to_json(comparisons), indent=2) + "\n")
@@ -397,13 +398,13 @@ def _outputs(
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .. import bench
 
     fn = load_function(args.target)
     items = load_items(args)
     task = _Star(fn) if args.star else fn
     _first_item_check(task, items, args.target)
-    from ._plan import is_async
+    from .._core.plan import is_async
 
     modes = args.modes or (
         ["sequential", "async", "auto"]
@@ -430,9 +431,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from ._errors import EscalaError
-    from ._options import Options
-    from .advisor import measure, weigh
+    from .._errors import EscalaError
+    from .._options import Options
+    from ..advisor import measure, weigh
 
     if args.address is not None:
         try:
@@ -482,7 +483,3 @@ class _TargetWorkload(Workload):
     @contextmanager
     def prepared(self, scale: float = 1.0) -> Iterator[Prepared]:
         yield Prepared(self._fn, self._items, self._fn if self._coroutine else None)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

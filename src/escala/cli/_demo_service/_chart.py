@@ -10,19 +10,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._demo_service_show import (
-    Admission,
-    Batch,
-    Placement,
-    admissions,
-    batches,
-    placements,
-    plain,
-    span,
-)
+from ._show import Admission, Batch, Placement, admissions, batches, placements, plain, span
 
 if TYPE_CHECKING:
-    from ._demo_service import Results
+    from . import Results
 
 __all__ = ["save_chart"]
 
@@ -121,7 +112,7 @@ def _draw_offload(axis: Any, rows: list[Placement]) -> None:
 
 
 def _draw_overload(axis: Any, rows: list[Admission]) -> None:
-    from ._demo_service import TIMEOUT
+    from . import TIMEOUT
 
     for row, color in zip(rows, (_ON, _OFF), strict=False):
         name = f"admission {'on' if row.admission else 'off'}"

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ._adaptive import ConcurrencyLimit
-from ._cpu import usable_cpus
-from ._drive import Chunk
-from ._engine import BatchSizer, Scheduler
-from ._options import ENGINES, Options, needs_cluster_mode
-from .backends import create
-from .backends.base import Backend, Call
+from .._options import ENGINES, Options, needs_cluster_mode
+from .._worker.cpu import usable_cpus
+from .._worker.messages import Call
+from ..backends import create
+from ..backends.base import Backend
+from .adaptive import ConcurrencyLimit
+from .drive import Chunk
+from .scheduler import BatchSizer, Scheduler
 
 #: Default concurrency of async mode when neither ``workers`` nor ``limit`` is given.
 ASYNC_LIMIT = 100
@@ -100,13 +101,12 @@ def make_scheduler(
         start=start,
     )
     return Scheduler(
-        call,
+        replace(call, timeout=options.timeout),
         workers=backend.workers,
         sizer=sizer,
         ordered=ordered,
         collect=options.errors == "collect",
         retry=options.retries,
-        timeout=options.timeout,
         window=options.window,
         lookahead=1 if plan.engine == "sequential" else (4 if keep_all else 2),
         limit=limit,

@@ -21,8 +21,8 @@ from typing import Any
 
 import cloudpickle
 
-from ._errors import RemoteError, RemoteTraceback, SendError
-from .backends.base import Failure
+from .._errors import SendError
+from .messages import Failure
 
 __all__ = [
     "dump_exception",
@@ -30,7 +30,6 @@ __all__ = [
     "dump_values",
     "dumps",
     "loads",
-    "rebuild_exception",
     "short_repr",
 ]
 
@@ -184,26 +183,3 @@ def _safe_str(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return f"<{type(exc).__qualname__}: str() failed>"
-
-
-def rebuild_exception(failure: Failure, index: int | None) -> BaseException:
-    """Rebuild a worker's exception in the caller, with the worker's traceback as its cause."""
-    task = "a task" if index is None else f"task #{index}"
-    exc: BaseException | None = None
-    if failure.payload is not None:
-        try:
-            exc = loads(failure.payload)
-        except Exception as why:
-            failure.message += (
-                f" [it could not be rebuilt in the caller: {type(why).__name__}: {why}]"
-            )
-    if exc is None:
-        exc = RemoteError(
-            f"{task} raised {failure.type_name}: {failure.message}",
-            index=index,
-            type_name=failure.type_name,
-        )
-    exc.__cause__ = RemoteTraceback(failure.traceback)
-    if failure.where:
-        exc.add_note(f"escala: raised by {task} in {failure.where}")
-    return exc

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from .backends.base import Apply, Batch, Call, invoke
+from .messages import Apply, Batch, Call, invoke
 
 __all__ = ["UNTRACKED", "WorkerContext", "worker_state"]
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._cli_common import UsageError
+from ._common import UsageError
 
 __all__ = ["add_commands"]
 
@@ -104,9 +104,9 @@ def add_commands(commands: Any) -> None:
 
 def _load(args: argparse.Namespace) -> int:
     try:
-        from . import load
-        from .load import _show
-        from .load._spec import parse_body, parse_header
+        from .. import load
+        from ..load import _show
+        from ..load._spec import parse_body, parse_header
     except ImportError as exc:
         raise UsageError(f"escala load needs {exc.name}: pip install 'escala[load]'") from None
     spec = _spec(args, load, parse_body, parse_header)

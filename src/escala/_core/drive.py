@@ -15,10 +15,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Se
 from itertools import islice
 from typing import Any
 
-from ._engine import Scheduler
-from ._errors import EscalaError
-from ._progress import NO_PROGRESS, Progress, _NoProgress
-from .backends.base import Backend, Done
+from .._errors import EscalaError
+from .._worker.messages import Done
+from ..backends.base import Backend
+from .progress import NO_PROGRESS, Progress, _NoProgress
+from .scheduler import Scheduler
 
 __all__ = ["Chunk", "adrive", "drive"]
 
@@ -205,7 +206,7 @@ async def _afeed(source: AsyncIterator[Any], sched: Scheduler, backend: Backend,
 
 
 async def _release(backend: Backend, *, owned: bool, clean: bool, sink: Any) -> None:
-    from .backends.asyncio import AsyncBackend
+    from ..backends.asyncio import AsyncBackend
 
     if not owned:
         if not clean:

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ._adaptive import ConcurrencyLimit
-from ._options import Retry
-from .backends.base import Batch, Call, Done
+from .._options import Retry
+from .._worker.messages import Batch, Call, Done
+from .adaptive import ConcurrencyLimit
 
 __all__ = ["BatchSizer", "Outcome", "Scheduler"]
 
@@ -118,7 +118,6 @@ class Scheduler:
         ordered: hand results back in input order.
         collect: hand back an :class:`Outcome` per item instead of raising the first error.
         retry: the retry policy.
-        timeout: per-task timeout, passed to the backend with each batch.
         window: most tasks outstanding; ``None`` is ``lookahead × workers × batch size``.
         lookahead: batches per worker kept in flight so no worker waits for the next.
         limit: an adaptive concurrency limit; when given, it is the window (in batches).
@@ -135,7 +134,6 @@ class Scheduler:
         ordered: bool,
         collect: bool,
         retry: Retry,
-        timeout: float | None = None,
         window: int | None = None,
         lookahead: int = 2,
         limit: ConcurrencyLimit | None = None,
@@ -148,7 +146,6 @@ class Scheduler:
         self._ordered = ordered
         self._collect = collect
         self._retry = retry
-        self._timeout = timeout
         self._window = window
         self._lookahead = lookahead
         self.limit = limit
@@ -201,7 +198,7 @@ class Scheduler:
         self._outstanding += len(items)
         size = len(items) if whole else self.sizer.size
         batches = [
-            Batch(self._call, range(start + i, start + i + len(chunk)), chunk, self._timeout)
+            Batch(self._call, range(start + i, start + i + len(chunk)), chunk)
             for i in range(0, len(items), size)
             for chunk in (items[i : i + size],)
         ]
@@ -230,15 +227,13 @@ class Scheduler:
         while self._waiting and self._waiting[0][0] <= now:
             _, _, index, item, alone = heapq.heappop(self._waiting)
             if alone:
-                batches.append(Batch(self._call, [index], [item], self._timeout))
+                batches.append(Batch(self._call, [index], [item]))
             else:
                 group_idx.append(index)
                 group_items.append(item)
         size = self.sizer.size
         for i in range(0, len(group_idx), size):
-            batches.append(
-                Batch(self._call, group_idx[i : i + size], group_items[i : i + size], self._timeout)
-            )
+            batches.append(Batch(self._call, group_idx[i : i + size], group_items[i : i + size]))
         self._in_flight += len(batches)
         self.batches_sent += len(batches)
         return batches

@@ -22,11 +22,11 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .load import LoadReport, Outcome
-from .load._show import duration_text
+from ...load import LoadReport, Outcome
+from ...load._show import duration_text
 
 if TYPE_CHECKING:
-    from ._demo_service import LoopLag, Results
+    from . import LoopLag, Results
 
 __all__ = [
     "Admission",
@@ -274,7 +274,7 @@ def _warnings(name: str, report_problems: list[str], failed: int = 0) -> list[Te
 
 def simultaneous_view(results: Results) -> RenderableType:
     """Return table (a) and its lesson."""
-    from ._demo_service import NAP
+    from . import NAP
 
     rows = batches(results)
     comparison = results.simultaneous
@@ -332,7 +332,7 @@ def simultaneous_lesson(rows: list[Batch]) -> str:
 
 def offload_view(results: Results) -> RenderableType:
     """Return table (b) and its lesson."""
-    from ._demo_service import HEALTH_RATE
+    from . import HEALTH_RATE
 
     rows = placements(results)
     table = _table(
@@ -394,7 +394,7 @@ def offload_lesson(rows: list[Placement]) -> str:
 
 def overload_view(results: Results) -> RenderableType:
     """Return table (c) and its lesson."""
-    from ._demo_service import IO_LIMIT, OVERLOAD_NAP, TIMEOUT
+    from . import IO_LIMIT, OVERLOAD_NAP, TIMEOUT
 
     rows = admissions(results)
     offered = rows[0].offered if rows else 0.0
@@ -468,7 +468,7 @@ def overload_lesson(rows: list[Admission]) -> str:
 
 def to_json(results: Results) -> dict[str, Any]:
     """Return every figure of the demo as plain data, for ``--json``; latencies in ms."""
-    from . import __version__, usable_cpus
+    from ... import __version__, usable_cpus
 
     comparison = results.simultaneous
     runs, kinds, servers = batches(results), placements(results), admissions(results)
@@ -517,7 +517,7 @@ def outputs(console: Any, results: Results, json_path: str | None, chart: str | 
             console.print(f"\nResults written to [bold]{json_path}[/bold]")
     if chart:
         try:
-            from ._demo_service_chart import save_chart
+            from ._chart import save_chart
 
             saved = save_chart(results, chart)
         except ImportError:

@@ -1,0 +1,7 @@
+"""``python -m escala``: the same as the ``escala`` command."""
+
+import sys
+
+from escala.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One run: plan, scheduler, drivers, adaptive limits, progress."""

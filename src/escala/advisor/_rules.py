@@ -1,0 +1,57 @@
+"""The advisor's vocabulary and constants: why a mode is chosen, and the figures the rules use.
+
+A module of its own so that the rules (``_decide``), what they produce (``_advice``) and the
+words that explain it (``_explain``) all read the same names without importing each other.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ASSUMED_ITEMS",
+    "BATCH_TARGET",
+    "CLUSTER_GAIN",
+    "MAX_BATCH",
+    "MIN_GAIN",
+    "PICKLE_RATE",
+    "THREADS_CAP",
+    "TINY_JOB",
+    "Reason",
+]
+
+
+class Reason(enum.Enum):
+    """Why a mode was chosen; each has its own sentence in :meth:`Advice.explain`."""
+
+    COROUTINE = "coroutine"  # fn is async: its waits overlap on one event loop
+    HINT_IO = "hint-io"  # @escala.task(kind="io")
+    HINT_CPU = "hint-cpu"  # @escala.task(kind="cpu")
+    WAITS = "waits"  # CPU time a small share of wall time: I/O-bound
+    RELEASES_GIL = "releases-gil"  # CPU-bound, but two threads ran at once
+    HOLDS_GIL = "holds-gil"  # CPU-bound Python holding the GIL: processes
+    TOO_SMALL = "too-small"  # the whole job costs less than handing it off
+    ONE_CORE = "one-core"  # CPU-bound and only one usable core
+    NOT_PICKLABLE = "not-picklable"  # would be processes, but cannot be sent
+    ALL_SAMPLED = "all-sampled"  # the sampling ran every item already
+    CLUSTER = "cluster"  # the cluster given by address= pays for what a task costs there
+
+
+#: The most threads advised for waiting work (the adaptive limit may move within it).
+THREADS_CAP = 256
+#: A parallel mode must promise at least this much of a gain over sequential.
+MIN_GAIN = 1.1
+#: Batches are sized to about this much work (the engine's BatchSizer.TARGET).
+BATCH_TARGET = 0.02
+#: Pickling throughput assumed for moving arguments and results (bytes per second).
+PICKLE_RATE = 500e6
+#: A whole job shorter than this runs sequentially without measuring any hand-off: no
+#: worker starts faster.
+TINY_JOB = 0.005
+#: Items assumed when the input has no length.
+ASSUMED_ITEMS = 10_000
+#: The cluster must promise to finish this many times sooner than this machine's best mode:
+#: its figures come from a few empty tasks, and a shared cluster's load changes.
+CLUSTER_GAIN = 1.25
+#: The most tasks per hand-off (the engine's BatchSizer.CAP).
+MAX_BATCH = 16384
