@@ -385,7 +385,7 @@ def _run_escala(spec: Any) -> dict[str, Any]:
         "requests_per_s": report.throughput,
         "achieved_rate": report.achieved_rate,
         "answered": report.recorder.answered,
-        "ok": report.outcomes[load.Outcome.OK],
+        "ok": report.outcomes[load.Verdict.OK],
         "outcomes": outcomes,
         "elapsed_s": report.elapsed,
         "valid": report.valid,

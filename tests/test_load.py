@@ -158,7 +158,7 @@ def test_the_open_model_shows_a_stall_in_its_tail(
     stalled: tuple[load.LoadReport, load.LoadReport],
 ) -> None:
     opened, _ = stalled
-    assert opened.sent == 600 and opened.outcomes[load.Outcome.OK] == 600
+    assert opened.sent == 600 and opened.outcomes[load.Verdict.OK] == 600
     # the requests due during the stall second waited for its end: from their intended
     # times, 0 to 1 s each, about a third of all
     assert opened.ok.percentile(99) >= 0.5
@@ -210,7 +210,7 @@ def test_requests_over_the_in_flight_cap_are_dropped_not_delayed(server: TinySer
     # other request due meanwhile is dropped, not sent late
     assert report.sent + report.dropped == 100
     assert report.dropped >= 50
-    assert report.outcomes[load.Outcome.TIMEOUT] == report.sent
+    assert report.outcomes[load.Verdict.TIMEOUT] == report.sent
     assert report.recorder.errors["timeout"] == "no complete answer within 0.5 s"
     assert sum(second.counts["dropped"] for second in report.timeline()) == report.dropped
     assert report.unfinished == 0
@@ -221,17 +221,17 @@ def test_connection_errors_are_counted_with_their_reason(server: TinyServer) -> 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed at once: nothing listens there
     refused = load.run(spec(f"http://127.0.0.1:{port}/", rate=40, duration=0.5))
-    assert refused.outcomes[load.Outcome.CONNECTION] == refused.sent == 20
+    assert refused.outcomes[load.Verdict.CONNECTION] == refused.sent == 20
     assert refused.recorder.errors["connection_error"] == "connection refused"
     reset = load.run(spec(server.url + "/reset", rate=40, duration=0.5))
-    assert reset.outcomes[load.Outcome.CONNECTION] == reset.sent == 20
+    assert reset.outcomes[load.Verdict.CONNECTION] == reset.sent == 20
 
 
 def test_the_closed_model_keeps_its_think_time_and_bounds(server: TinyServer) -> None:
     report = load.run(spec(server.url + "/", users=2, think=0.2, duration=0.5))
     # each user: a request, 0.2 s of thought, ... and no request starts after 0.5 s
     assert 2 <= report.sent <= 6
-    assert report.outcomes[load.Outcome.OK] == report.sent
+    assert report.outcomes[load.Verdict.OK] == report.sent
     capped = load.run(spec(server.url + "/", users=3, duration=5, requests=30))
     assert capped.sent == 30
 
@@ -245,7 +245,7 @@ def test_a_request_has_its_method_headers_and_body(server: TinyServer) -> None:
             headers=(("Authorization", "Bearer sesame"),),
         )
     )
-    assert good.outcomes[load.Outcome.OK] == good.sent == 10
+    assert good.outcomes[load.Verdict.OK] == good.sent == 10
     bad = load.run(spec(server.url + "/auth", rate=50, duration=0.2, body=b"{}"))
     assert bad.spec.method == "POST"
     assert bad.other_statuses == {401: 10}
@@ -307,19 +307,19 @@ def test_recorders_travel_and_add_up() -> None:
     one, two = Recorder(2.0), Recorder(2.0)
     for recorder, at in ((one, 0.5), (two, 1.5)):
         recorder.on_send(at, at)
-        recorder.on_answer(at, at + 0.01, load.Outcome.OK, 0.01)
+        recorder.on_answer(at, at + 0.01, load.Verdict.OK, 0.01)
     total = Recorder(2.0)
     for recorder in (one, two):
         total.add(pickle.loads(pickle.dumps(recorder)))
     assert total.sent == 2 and total.ok.count == 2
-    assert [row[load.Outcome.OK] for row in total.timeline] == [1, 1]
+    assert [row[load.Verdict.OK] for row in total.timeline] == [1, 1]
     assert set(total.timeline_ok) == {0, 1}
 
 
 def test_several_processes_share_the_rate_and_merge(server: TinyServer) -> None:
     report = load.run(spec(server.url + "/", rate=200, duration=1, processes=2))
     assert report.processes == 2
-    assert report.sent == 200 and report.outcomes[load.Outcome.OK] == 200
+    assert report.sent == 200 and report.outcomes[load.Verdict.OK] == 200
     assert report.ok.count == 200 and report.lag.count == 200
     assert per_second(report) == [200]
 

@@ -158,17 +158,17 @@ def test_pool_properties() -> None:
 
 def test_auto_batching_sends_trivial_tasks_in_few_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """100,000 trivial calls must not cost 100,000 round trips to the workers."""
-    from escala import _pool
+    from escala._core import run
     from escala._core.scheduler import Scheduler
 
     made: list[Scheduler] = []
-    original = _pool.make_scheduler
+    original = run.make_scheduler
 
     def recording(*args: Any, **kwargs: Any) -> Scheduler:
         made.append(original(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(_pool, "make_scheduler", recording)
+    monkeypatch.setattr(run, "make_scheduler", recording)
     with escala.Pool("processes", workers=2) as pool:
         assert pool.map(abs, range(100_000)) == list(range(100_000))
     (sched,) = made

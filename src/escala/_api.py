@@ -1,7 +1,8 @@
 """The one-shot entry points: options in, one backend chosen, results out.
 
-``map``, ``imap``, ``amap`` and ``aimap`` only validate, plan a backend and a scheduler
-(:mod:`escala._plan`), and hand both to a driver. They hold no execution logic of their own.
+``map``, ``imap``, ``amap`` and ``aimap`` only validate their arguments and have the run
+assembled (:func:`escala._core.run.start_run`) and driven. They hold no execution logic of
+their own.
 """
 
 from __future__ import annotations
@@ -12,24 +13,11 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 from ._auto import run_auto
-from ._core.drive import Chunk, adrive, drive
-from ._core.plan import (
-    Plan,
-    check_arguments,
-    collect,
-    is_async,
-    make_backend,
-    make_scheduler,
-    place,
-    plan_for,
-    total_of,
-    values_of,
-)
-from ._core.progress import progress_for
-from ._core.scheduler import Outcome, Scheduler
+from ._core.drive import Chunk
+from ._core.plan import check_arguments, collect, is_async, place, plan_for, values_of
+from ._core.run import start_run
+from ._core.scheduler import Outcome
 from ._options import ErrorPolicy, Options, RunOptions
-from ._worker.messages import Call
-from .backends.base import Backend
 
 __all__ = ["aimap", "amap", "imap", "map"]
 
@@ -114,11 +102,13 @@ def map(
     check_arguments(fn, items)
     if opts.mode == "auto":
         return collect(run_auto(fn, items, opts, ordered=False, keep_all=True))
-    if plan_for(fn, opts).engine == "async" and not _loop_running():
+    plan = plan_for(fn, opts)
+    if plan.runs_on == "async" and not _loop_running():
         # No loop in this thread: run one here, as amap would, rather than start a thread
         # for it (a few milliseconds a call, and one more thread to stop on Ctrl-C).
         return asyncio.run(_amap_collect(fn, items, opts))
-    return collect(_run(fn, items, opts, ordered=False, keep_all=True))
+    run = start_run(fn, items, opts, ordered=False, keep_all=True, plan=plan)
+    return collect(run.chunks(items))
 
 
 def _resolve(fn: Callable[..., Any], opts: Options) -> Options:
@@ -168,37 +158,7 @@ def imap(
     check_arguments(fn, items)
     if opts.mode == "auto":
         return values_of(run_auto(fn, items, opts, ordered=ordered))
-    return values_of(_run(fn, items, opts, ordered=ordered))
-
-
-def _run(
-    fn: Callable[..., Any],
-    items: Iterable[Any],
-    opts: Options,
-    *,
-    ordered: bool,
-    keep_all: bool = False,
-) -> Iterator[Chunk]:
-    plan = plan_for(fn, opts)
-    backend = make_backend(plan, opts)
-    sched = make_scheduler(
-        Call(fn), backend, opts, items, ordered=ordered, plan=plan, keep_all=keep_all
-    )
-    return _owned(backend, sched, items, opts, plan)
-
-
-def _owned(
-    backend: Backend, sched: Scheduler, items: Iterable[Any], opts: Options, plan: Plan
-) -> Iterator[Chunk]:
-    started = False
-    try:
-        backend.start()
-        started = True
-        progress = progress_for(opts.progress, plan.mode, total_of(items))
-        yield from drive(backend, sched, items, owned=True, progress=progress)
-    finally:
-        if not started:
-            backend.shutdown(cancel=True)
+    return values_of(start_run(fn, items, opts, ordered=ordered).chunks(items))
 
 
 # -- amap / aimap ---------------------------------------------------------------------
@@ -307,17 +267,8 @@ async def _arun(
 ) -> AsyncIterator[Chunk]:
     plan = plan_for(fn, opts)
     extra: dict[str, Any] = {}
-    if plan.engine == "async":
+    if plan.runs_on == "async":
         extra["loop"] = asyncio.get_running_loop()
-    backend = make_backend(plan, opts, **extra)
-    sched = make_scheduler(
-        Call(fn), backend, opts, items, ordered=ordered, plan=plan, keep_all=keep_all
-    )
-    backend.start()
-    try:
-        progress = progress_for(opts.progress, plan.mode, total_of(items))
-    except BaseException:
-        backend.shutdown(cancel=True)
-        raise
-    async for chunk in adrive(backend, sched, items, owned=True, progress=progress):
+    run = start_run(fn, items, opts, ordered=ordered, keep_all=keep_all, plan=plan, **extra)
+    async for chunk in run.achunks(items):
         yield chunk

@@ -19,13 +19,13 @@ from dataclasses import replace
 from typing import Any
 
 from ._core.adaptive import ConcurrencyLimit
-from ._core.drive import Chunk, drive
-from ._core.plan import make_backend, make_scheduler, plan_for, total_of
-from ._core.progress import progress_for
+from ._core.drive import Chunk
+from ._core.plan import total_of
+from ._core.run import start_run
 from ._core.scheduler import Scheduler
 from ._errors import TaskTimeout
 from ._options import ENGINES, Options
-from ._worker.messages import Batch, Call, Done, Failure, Sink
+from ._worker.messages import Batch, Done, Failure, Sink
 from .advisor import Advice, measure, weigh
 from .advisor._probe import Group, Probe, Sample
 from .advisor._rules import THREADS_CAP
@@ -43,7 +43,7 @@ def run_auto(
     keep_all: bool = False,
     on_advice: Callable[[Advice], None] | None = None,
 ) -> Iterator[Chunk]:
-    """Measure, choose and run; yield result chunks as :func:`escala._drive.drive` does."""
+    """Measure, choose and run; yield result chunks as :meth:`escala._core.run.Run.chunks` does."""
     iterator = iter(items)
     total = total_of(items)
     advice, sample, probe = measure(
@@ -87,39 +87,31 @@ def run_auto(
             workers=workers,
             address=address,
         )
-        plan = plan_for(fn, chosen)
-        if cluster is not None:  # the cluster won: the backend that measured it runs the rest
-            backend, cluster, attempted = cluster, None, True
-        else:
-            backend, attempted = make_backend(plan, chosen), False
-        driving = False
-        try:
-            sched = make_scheduler(
-                Call(fn),
-                backend,
-                chosen,
-                items,
-                ordered=ordered,
-                plan=plan,
-                start=advice.batch if isinstance(advice.batch, int) else 1,
-                keep_all=keep_all,
-                limit=limit,
-            )
-            done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
-            if sample is not None and probe is not None:
-                _absorb(sched, sample, probe, done_queue.put, opts.timeout, timers, abandoned)
-            if not attempted:
-                attempted = True
-                backend.start()
-            progress = progress_for(opts.progress, f"auto → {advice.mode}", total)
-            driving = True  # from here the driver owns the backend and shuts it down
-            yield from drive(
-                backend, sched, iterator, owned=True, progress=progress, done_queue=done_queue
-            )
-            clean = True
-        finally:
-            if attempted and not driving:
-                backend.shutdown(cancel=True)
+        # the cluster won: the backend that measured it (started) runs the rest
+        backend, cluster = cluster, None
+        run = start_run(
+            fn,
+            items,
+            chosen,
+            ordered=ordered,
+            keep_all=keep_all,
+            backend=backend,
+            start=advice.batch if isinstance(advice.batch, int) else 1,
+            limit=limit,
+            label=f"auto → {advice.mode}",
+        )
+        done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
+        if sample is not None and probe is not None:
+            try:
+                _absorb(
+                    run.scheduler, sample, probe, done_queue.put, opts.timeout, timers, abandoned
+                )
+            except BaseException:
+                if run.started:
+                    run.close()
+                raise
+        yield from run.chunks(iterator, done_queue=done_queue)
+        clean = True
     finally:
         if cluster is not None:  # weighed and chosen, but the run never got it
             cluster.shutdown(cancel=True)

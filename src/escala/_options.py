@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypedDict, get_args
 
+from ._errors import SendError
+
 __all__ = [
     "ENGINES",
     "MODES",
@@ -114,8 +116,6 @@ class Retry:
 
     def should_retry(self, error: BaseException, attempts_made: int) -> bool:
         """Say whether a task that failed with ``error`` after ``attempts_made`` runs goes again."""
-        from ._errors import SendError
-
         if attempts_made > self.attempts or isinstance(error, SendError):
             return False
         return isinstance(error, self.on)

@@ -8,20 +8,9 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar, Unpack
 
-from ._core.drive import Chunk, drive
-from ._core.plan import (
-    Plan,
-    check_arguments,
-    collect,
-    is_async,
-    make_backend,
-    make_scheduler,
-    plan_for,
-    total_of,
-    values_of,
-)
-from ._core.progress import progress_for
-from ._core.scheduler import Scheduler
+from ._core.drive import Chunk
+from ._core.plan import Plan, check_arguments, collect, is_async, make_backend, plan_for, values_of
+from ._core.run import Run, start_run
 from ._errors import PoolClosed
 from ._options import CallOptions, ErrorPolicy, Mode, Options, WorkerOptions
 from ._worker.messages import Apply, Batch, Call, Done
@@ -87,8 +76,8 @@ class Pool:
         """How many tasks run at once."""
         return self._backend.workers
 
-    def _engine_for(self, fn: Callable[..., Any]) -> Backend:
-        if self._plan.engine != "async" or is_async(fn):
+    def _backend_for(self, fn: Callable[..., Any]) -> Backend:
+        if self._plan.runs_on != "async" or is_async(fn):
             return self._backend
         with self._lock:
             if self._threads is None:
@@ -113,7 +102,7 @@ class Pool:
             raise TypeError(f"fn must be callable, got {fn!r}")
         if self._closed:
             raise PoolClosed("this pool is shut down; create a new one")
-        backend = self._engine_for(fn)
+        backend = self._backend_for(fn)
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
         index = next(self._submitted)
         batch = Batch(Call(fn, Apply.CALL, self._options.timeout), [index], [(args, kwargs)])
@@ -191,35 +180,33 @@ class Pool:
             raise PoolClosed("this pool is shut down; create a new one")
         opts = Options.build(self._options, errors=errors, **kwargs)
         check_arguments(fn, items)
-        backend = self._engine_for(fn)
+        backend = self._backend_for(fn)
         known = self._sizes.get(id(fn))
-        start = known[1] if known is not None and known[0] is fn else 1
-        sched = make_scheduler(
-            Call(fn),
-            backend,
-            opts,
+        run = start_run(
+            fn,
             items,
+            opts,
             ordered=ordered,
-            plan=self._plan,
-            start=start,
             keep_all=keep_all,
+            plan=self._plan,
+            backend=backend,
+            shared=True,
+            start=known[1] if known is not None and known[0] is fn else 1,
         )
-        progress = progress_for(opts.progress, self._plan.mode, total_of(items))
-        return self._remember(
-            fn, sched, drive(backend, sched, items, owned=False, progress=progress)
-        )
+        return self._remember(fn, run, run.chunks(items))
 
     def _remember(
-        self, fn: Callable[..., Any], sched: Scheduler, chunks: Iterator[Chunk]
+        self, fn: Callable[..., Any], run: Run, chunks: Iterator[Chunk]
     ) -> Iterator[Chunk]:
         try:
             yield from chunks
         finally:
-            if sched.sizer.adaptive:
+            sizer = run.scheduler.sizer
+            if sizer.adaptive:
                 with self._lock:
                     if len(self._sizes) >= 64 and id(fn) not in self._sizes:
                         self._sizes.clear()
-                    self._sizes[id(fn)] = (fn, sched.sizer.size)
+                    self._sizes[id(fn)] = (fn, sizer.size)
 
     def close(self) -> None:
         """Finish the submitted work, then stop the workers."""

@@ -2,7 +2,7 @@
 
 The sync driver blocks on a queue in the caller's thread (``map``, ``imap``, ``Pool``); the
 async driver awaits an ``asyncio.Queue`` on the caller's loop (``amap``). Everything else
-they share lives in the sans-I/O :class:`~escala._engine.Scheduler`.
+they share lives in the sans-I/O :class:`~escala._core.scheduler.Scheduler`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from .._errors import EscalaError
 from .._worker.messages import Done
 from ..backends.base import Backend
-from .progress import NO_PROGRESS, Progress, _NoProgress
+from .progress import NO_PROGRESS, NoProgress, ProgressBar
 from .scheduler import Scheduler
 
 __all__ = ["Chunk", "adrive", "drive"]
@@ -33,7 +33,7 @@ def drive(
     items: Iterable[Any],
     *,
     owned: bool,
-    progress: Progress | _NoProgress = NO_PROGRESS,
+    progress: ProgressBar | NoProgress = NO_PROGRESS,
     done_queue: queue.SimpleQueue[Done] | None = None,
 ) -> Iterator[Chunk]:
     """Run a whole input through ``backend``, yielding ``(indices, results)`` chunks.
@@ -89,8 +89,7 @@ def drive(
 
 
 def _feed(iterator: Iterator[Any], sched: Scheduler, backend: Backend, sink: Any) -> None:
-    while (room := _room(sched)) > 0:
-        want = min(room, sched.sizer.size)
+    while (want := sched.wanted()) > 0:
         chunk = list(islice(iterator, want))
         if len(chunk) < want:
             sched.end_input()
@@ -105,7 +104,7 @@ async def adrive(
     items: Iterable[Any] | AsyncIterable[Any],
     *,
     owned: bool,
-    progress: Progress | _NoProgress = NO_PROGRESS,
+    progress: ProgressBar | NoProgress = NO_PROGRESS,
 ) -> AsyncIterator[Chunk]:
     """The async twin of :func:`drive`: same scheduler, an ``asyncio.Queue`` for completions.
 
@@ -176,23 +175,8 @@ def _check_progress(sched: Scheduler, due: float | None) -> None:
         )
 
 
-def _room(sched: Scheduler) -> int:
-    """Return how many items to pull now: a whole batch, or nothing until one fits.
-
-    Cutting a batch to whatever room is left makes runs of odd small batches, each a
-    round trip to a worker; while results are still to come back, waiting for a whole
-    batch's room costs nothing. (A window set smaller than two batches is taken as given.)
-    """
-    room = sched.room()
-    size = sched.sizer.size
-    if room < size and sched.outstanding and sched.window >= 2 * size:
-        return 0
-    return room
-
-
 async def _afeed(source: AsyncIterator[Any], sched: Scheduler, backend: Backend, sink: Any) -> None:
-    while (room := _room(sched)) > 0:
-        want = min(room, sched.sizer.size)
+    while (want := sched.wanted()) > 0:
         chunk: list[Any] = []
         async for item in source:
             chunk.append(item)

@@ -31,7 +31,7 @@ def is_async(fn: Callable[..., Any]) -> bool:
 @dataclass(frozen=True, slots=True)
 class Plan:
     mode: str  # what the caller asked for (or the default)
-    engine: str  # the backend that runs it: async mode sends plain functions to threads
+    runs_on: str  # the backend that runs it: async mode sends plain functions to threads
     workers: int
 
 
@@ -46,7 +46,7 @@ def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
     mode = options.mode or ("async" if coroutine else "threads")
     if options.address is not None and mode not in ENGINES:
         raise needs_cluster_mode(options.mode)
-    engine = "threads" if mode == "async" and fn is not None and not coroutine else mode
+    runs_on = "threads" if mode == "async" and fn is not None and not coroutine else mode
     if options.workers is not None:
         workers = options.workers
     elif mode == "processes":
@@ -59,12 +59,12 @@ def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
         workers = 0  # the cluster's worker threads (or CPUs): the backend asks the cluster
     else:
         workers = 1
-    return Plan(mode, engine, workers)
+    return Plan(mode, runs_on, workers)
 
 
 def make_backend(plan: Plan, options: Options, **extra: Any) -> Backend:
     return create(
-        plan.engine,
+        plan.runs_on,
         plan.workers,
         initializer=options.initializer,
         initargs=options.initargs,
@@ -108,7 +108,7 @@ def make_scheduler(
         collect=options.errors == "collect",
         retry=options.retries,
         window=options.window,
-        lookahead=1 if plan.engine == "sequential" else (4 if keep_all else 2),
+        lookahead=1 if plan.runs_on == "sequential" else (4 if keep_all else 2),
         limit=limit,
     )
 

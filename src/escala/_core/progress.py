@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NO_PROGRESS", "Progress", "progress_for"]
+__all__ = ["NO_PROGRESS", "NoProgress", "ProgressBar", "progress_for"]
 
 
-class Progress:
+class ProgressBar:
     """A progress bar with count, rate and time left, drawn by rich on stderr.
 
     Args:
@@ -16,6 +16,7 @@ class Progress:
     """
 
     def __init__(self, description: str, total: int | None) -> None:
+        # rich.progress costs tens of milliseconds to import: only runs that draw a bar pay
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -62,7 +63,9 @@ class Progress:
         self._bar.stop()
 
 
-class _NoProgress:
+class NoProgress:
+    """Stands in for the bar when none is asked for: every call does nothing."""
+
     def advance(self, count: int) -> None:
         pass
 
@@ -70,12 +73,12 @@ class _NoProgress:
         pass
 
 
-NO_PROGRESS = _NoProgress()
+NO_PROGRESS = NoProgress()
 
 
-def progress_for(setting: bool | str, mode: str, total: int | None) -> Progress | _NoProgress:
+def progress_for(setting: bool | str, mode: str, total: int | None) -> ProgressBar | NoProgress:
     """Return a progress bar if ``setting`` asks for one (a string names it)."""
     if not setting:
         return NO_PROGRESS
     description = setting if isinstance(setting, str) else f"escala · {mode}"
-    return Progress(description, total)
+    return ProgressBar(description, total)

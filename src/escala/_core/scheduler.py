@@ -185,6 +185,20 @@ class Scheduler:
             return 0
         return max(0, self.window - self._outstanding)
 
+    def wanted(self) -> int:
+        """Return how many items to pull now: a whole batch, or nothing until one fits.
+
+        Cutting a batch to whatever room is left makes runs of odd small batches, each a
+        round trip to a worker; while results are still to come back, waiting for a whole
+        batch's room costs nothing. (A window set smaller than two batches is taken as
+        given.)
+        """
+        room = self.room()
+        size = self.sizer.size
+        if room < size and self._outstanding and self.window >= 2 * size:
+            return 0
+        return min(room, size)
+
     def take(self, items: list[Any], *, whole: bool = False) -> list[Batch]:
         """Accept items just pulled from the input; return the batches to send.
 

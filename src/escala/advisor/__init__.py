@@ -15,10 +15,12 @@ from __future__ import annotations
 import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import replace
 from typing import Any
 
 import cloudpickle
 
+from .._core.plan import ASYNC_LIMIT, is_async
 from .._options import Options
 from .._task import kind_of
 from .._worker.cpu import usable_cpus
@@ -30,9 +32,6 @@ from ._probe import Probe, Sample
 from ._rules import TINY_JOB
 
 __all__ = ["Advice", "Cluster", "Measurements", "Reason", "advise", "measure", "weigh"]
-
-#: Default concurrency of async mode (as in escala._plan).
-ASYNC_WORKERS = 100
 
 
 _NONE: Any = object()
@@ -46,12 +45,6 @@ def _pickled_size(obj: Any) -> int | None:
             return len(cloudpickle.dumps(obj))
         except Exception:
             return None
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    from .._core.plan import is_async
-
-    return is_async(fn)
 
 
 def _gil_threshold() -> float:
@@ -85,8 +78,8 @@ def measure(
         are ``None`` when nothing ran (a coroutine function, or a ``kind`` hint).
     """
     cores = usable_cpus()
-    if _is_async(fn):
-        advice = decide_for_coroutine(workers or ASYNC_WORKERS)
+    if is_async(fn):
+        advice = decide_for_coroutine(workers or ASYNC_LIMIT)
         return _with_workers(advice, workers), None, None
     hint = kind_of(fn)
     if hint is not None:
@@ -143,8 +136,6 @@ def measure(
 def _with_workers(advice: Advice, workers: int | None) -> Advice:
     if workers is None or advice.mode == "sequential":
         return advice
-    from dataclasses import replace
-
     return replace(advice, workers=workers, adaptive=False)
 
 

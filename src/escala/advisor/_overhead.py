@@ -8,6 +8,10 @@ import threading
 import time
 from collections.abc import Iterator
 
+from .._core.plan import collect
+from .._core.run import start_run
+from .._options import Options
+
 __all__ = ["overheads"]
 
 _cache: dict[tuple[str, int], float] = {}
@@ -19,10 +23,11 @@ def _noop(x: int) -> int:
 
 
 def _timed(mode: str, n: int, workers: int) -> float:
-    from .._api import map as run_map
-
+    """Time a whole run of ``n`` empty tasks, as ``escala.map`` would run it."""
+    items = range(n)
+    options = Options.build(mode=mode, workers=workers)
     start = time.perf_counter()
-    run_map(_noop, range(n), mode=mode, workers=workers)  # type: ignore[call-overload]
+    collect(start_run(_noop, items, options, ordered=False, keep_all=True).chunks(items))
     return time.perf_counter() - start
 
 

@@ -22,7 +22,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from .. import __version__, bench, usable_cpus
+from .._core.plan import is_async
+from .._errors import EscalaError
+from .._options import MODES, Options
+from ..advisor import measure, weigh
 from ..bench.workloads.base import Prepared, Workload
+from . import _load as _cli_load
+from . import _service as _cli_service
 from ._common import TaskFailed, UsageError
 from ._common import positive_float as _positive_float
 from ._common import positive_int as _positive_int
@@ -121,8 +130,6 @@ def _parser() -> argparse.ArgumentParser:
                 "to weigh too: is it worth its cost per task?",
             )
             sub.set_defaults(run=_advise)
-    from . import _load as _cli_load
-    from . import _service as _cli_service
 
     _cli_service.add_commands(commands)
     _cli_load.add_commands(commands)
@@ -137,7 +144,6 @@ def _names(text: str) -> list[str]:
 
 
 def _modes(text: str) -> list[str]:
-    from .._options import MODES
 
     modes = _names(text)
     for mode in modes:
@@ -282,14 +288,11 @@ async def _awaited(result: Any) -> Any:
 # -- commands ---------------------------------------------------------------------------
 
 
-def _console() -> Any:
-    from rich.console import Console
-
+def _console() -> Console:
     return Console()
 
 
 def _machine_line() -> str:
-    from .. import __version__, usable_cpus
 
     return (
         f"escala {__version__} · Python {platform.python_version()} · "
@@ -307,10 +310,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.service:
         if args.workloads:
             raise UsageError("--workloads chooses the workloads of the demo without --service")
+        # the service demo needs the serve and load extras: imported only when asked for
         from . import _demo_service
 
         return _demo_service.run(args, machine=_machine_line(), leftovers=_leftovers)
-    from .. import bench
 
     known = bench.workloads.names()
     chosen = args.workloads or known
@@ -383,7 +386,6 @@ def _print_auto(console: Any, comparisons: Sequence[Any]) -> None:
 def _outputs(
     console: Any, comparisons: Sequence[Any], json_path: str | None, chart: str | None
 ) -> None:
-    from .. import bench
 
     if json_path:
         Path(json_path).write_text(json.dumps(bench.to_json(comparisons), indent=2) + "\n")
@@ -398,13 +400,11 @@ def _outputs(
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .. import bench
 
     fn = load_function(args.target)
     items = load_items(args)
     task = _Star(fn) if args.star else fn
     _first_item_check(task, items, args.target)
-    from .._core.plan import is_async
 
     modes = args.modes or (
         ["sequential", "async", "auto"]
@@ -431,9 +431,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from .._errors import EscalaError
-    from .._options import Options
-    from ..advisor import measure, weigh
 
     if args.address is not None:
         try:

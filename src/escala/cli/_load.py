@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+
 from ._common import UsageError
 
 __all__ = ["add_commands"]
@@ -104,6 +107,7 @@ def add_commands(commands: Any) -> None:
 
 def _load(args: argparse.Namespace) -> int:
     try:
+        # escala.load needs the load extra (aiohttp, hdrhistogram)
         from .. import load
         from ..load import _show
         from ..load._spec import parse_body, parse_header
@@ -121,9 +125,6 @@ def _load(args: argparse.Namespace) -> int:
         load.check_target(spec)
     except load.LoadError as exc:
         raise UsageError(str(exc)) from None
-
-    from rich.console import Console
-    from rich.live import Live
 
     console = Console()
     if not console.is_terminal:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._errors import EscalaError
+from ..store import ApiKey, StoreError, is_store_url, not_a_store_url, open_store
 from ._common import UsageError
 from ._common import positive_float as _positive_float
 
@@ -145,13 +147,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, command: str) -> int:
     try:
+        # the serve extra (FastAPI, uvicorn) is imported only by the commands that serve
         from ..service import AppError, ConfigError, ServiceConfig, load_app, serve, work
     except ImportError as exc:
         raise UsageError(
             f"escala {command} needs its extra ({exc.name} is missing): pip install 'escala[serve]'"
         ) from None
-    from .._errors import EscalaError
-    from ..store import StoreError
 
     # the app module is the user's, found from the folder they run escala in
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -199,7 +200,6 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def _keys_store(args: argparse.Namespace) -> Any:
     """The store that ``escala keys`` works on: ``--store``'s URL, else ``--db``'s file."""
-    from ..store import StoreError, is_store_url, not_a_store_url, open_store
 
     if args.store is not None and not is_store_url(args.store):
         raise UsageError(f"--store {not_a_store_url(args.store)}")
@@ -215,7 +215,6 @@ def _shown(store: Any) -> str:
 
 
 async def _with_store(store: Any, action: Callable[[Any], Any]) -> Any:
-    from ..store import StoreError
 
     try:
         await store.open()
@@ -227,8 +226,8 @@ async def _with_store(store: Any, action: Callable[[Any], Any]) -> Any:
 
 
 def _keys_add(args: argparse.Namespace) -> int:
+    # escala.service needs the serve extra (FastAPI): only commands that serve import it
     from ..service._auth import hash_key, new_key
-    from ..store import ApiKey
 
     if args.weight <= 0:
         raise UsageError(f"--weight must be positive, got {args.weight:g}")

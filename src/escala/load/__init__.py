@@ -39,10 +39,10 @@ from __future__ import annotations
 from ._compare import Comparison as Comparison
 from ._compare import compare as compare
 from ._histogram import Histogram as Histogram
-from ._record import Outcome as Outcome
+from ._record import Verdict as Verdict
 from ._report import LoadReport as LoadReport
 from ._request import check_target as check_target
-from ._run import Progress as Progress
+from ._run import LoadProgress as LoadProgress
 from ._run import arun as arun
 from ._run import run as run
 from ._spec import Arrivals as Arrivals
@@ -56,11 +56,11 @@ __all__ = [
     "Comparison",
     "Histogram",
     "LoadError",
+    "LoadProgress",
     "LoadReport",
     "LoadSpec",
     "Model",
-    "Outcome",
-    "Progress",
+    "Verdict",
     "arun",
     "check_target",
     "compare",

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ._report import LoadReport
-from ._run import Progress, run
+from ._run import LoadProgress, run
 from ._spec import LoadError, LoadSpec
 
 __all__ = ["Comparison", "compare"]
@@ -83,7 +83,7 @@ def compare(
     *,
     count: int = 200,
     concurrency: int = 20,
-    progress: Callable[[str, Progress], None] | None = None,
+    progress: Callable[[str, LoadProgress], None] | None = None,
 ) -> Comparison:
     """Send ``count`` requests one after another, then ``concurrency`` at a time.
 
@@ -102,7 +102,7 @@ def compare(
         raise LoadError("--count and --concurrency must be 1 or more")
     base = dataclasses.replace(spec, rate=None, users=1, requests=count, processes=1)
 
-    def shown(name: str) -> Callable[[Progress], None] | None:
+    def shown(name: str) -> Callable[[LoadProgress], None] | None:
         if progress is None:
             return None
         return lambda where: progress(name, where)

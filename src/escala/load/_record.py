@@ -15,14 +15,14 @@ from typing import Any
 
 from ._histogram import Histogram
 
-__all__ = ["Column", "Outcome", "Recorder", "bucket_width"]
+__all__ = ["Column", "Recorder", "Verdict", "bucket_width"]
 
 # A per-second timeline for runs up to ten minutes; longer runs get wider buckets, so
 # that the timeline never holds more than 600 of them (each may hold a histogram).
 _MAX_BUCKETS = 600
 
 
-class Outcome(enum.IntEnum):
+class Verdict(enum.IntEnum):
     """What became of a request that was sent."""
 
     OK = 0  # a 2xx answer
@@ -43,7 +43,7 @@ class Outcome(enum.IntEnum):
         return _KEYS[self]
 
     @classmethod
-    def of_status(cls, status: int) -> Outcome:
+    def of_status(cls, status: int) -> Verdict:
         """Return the class of an HTTP status."""
         if 200 <= status < 300:
             return cls.OK
@@ -55,22 +55,26 @@ class Outcome(enum.IntEnum):
 
 
 _LABELS = {
-    Outcome.OK: "2xx",
-    Outcome.TOO_MANY: "429",
-    Outcome.UNAVAILABLE: "503",
-    Outcome.OTHER: "other",
-    Outcome.TIMEOUT: "timeouts",
-    Outcome.CONNECTION: "connection errors",
+    Verdict.OK: "2xx",
+    Verdict.TOO_MANY: "429",
+    Verdict.UNAVAILABLE: "503",
+    Verdict.OTHER: "other",
+    Verdict.TIMEOUT: "timeouts",
+    Verdict.CONNECTION: "connection errors",
 }
-_KEYS = {**_LABELS, Outcome.TIMEOUT: "timeout", Outcome.CONNECTION: "connection_error"}
-_REJECTIONS = (Outcome.TOO_MANY, Outcome.UNAVAILABLE)
+_KEYS = {
+    **_LABELS,
+    Verdict.TIMEOUT: "timeout",
+    Verdict.CONNECTION: "connection_error",
+}
+_REJECTIONS = (Verdict.TOO_MANY, Verdict.UNAVAILABLE)
 
 
 class Column(enum.IntEnum):
     """The counts kept per timeline bucket: one per outcome, then these."""
 
-    DROPPED = len(Outcome)  # due while every in-flight slot was taken: never sent
-    SENT = len(Outcome) + 1
+    DROPPED = len(Verdict)  # due while every in-flight slot was taken: never sent
+    SENT = len(Verdict) + 1
 
 
 def bucket_width(duration: float) -> float:
@@ -93,7 +97,7 @@ class Recorder:
         self.width = bucket_width(duration)
         self.timeline = [[0] * len(_COLUMNS) for _ in range(math.ceil(duration / self.width))]
         self.timeline_ok: dict[int, Histogram] = {}
-        self.outcomes = [0] * len(Outcome)
+        self.outcomes = [0] * len(Verdict)
         self.statuses: Counter[int] = Counter()  # the statuses counted as "other"
         self.ok = Histogram()
         self.rejected = Histogram()
@@ -126,7 +130,7 @@ class Recorder:
         self,
         at: float,
         now: float,
-        outcome: Outcome,
+        outcome: Verdict,
         latency: float,
         status: int = 0,
         error: str = "",
@@ -137,7 +141,7 @@ class Recorder:
         bucket = self._bucket(at)
         self.timeline[bucket][outcome] += 1
         self.elapsed = max(self.elapsed, now)
-        if outcome is Outcome.OK:
+        if outcome is Verdict.OK:
             self.ok.record(latency)
             per_bucket = self.timeline_ok.get(bucket)
             if per_bucket is None:
@@ -145,7 +149,7 @@ class Recorder:
             per_bucket.record(latency)
         elif outcome in _REJECTIONS:
             self.rejected.record(latency)
-        elif outcome is Outcome.OTHER:
+        elif outcome is Verdict.OTHER:
             self.statuses[status] += 1
         if error and outcome.key not in self.errors:
             self.errors[outcome.key] = error
@@ -202,4 +206,4 @@ class Recorder:
         self.__dict__.update(state)
 
 
-_COLUMNS = (*Outcome, *Column)
+_COLUMNS = (*Verdict, *Column)

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from ._histogram import Histogram
-from ._record import Column, Outcome, Recorder
+from ._record import Column, Recorder, Verdict
 from ._spec import LoadSpec, Model
 
 __all__ = ["LAG_LIMIT", "RATE_FLOOR", "LoadReport", "Second"]
@@ -29,7 +29,7 @@ class Second:
     Attributes:
         start: seconds after the run's start.
         width: seconds it covers.
-        counts: sent, dropped, and one count per :class:`~._record.Outcome`.
+        counts: sent, dropped, and one count per :class:`~._record.Verdict`.
         ok: latencies of its 2xx answers (2 significant digits), or ``None``.
     """
 
@@ -80,9 +80,9 @@ class LoadReport:
         return self.recorder.inflight
 
     @property
-    def outcomes(self) -> dict[Outcome, int]:
+    def outcomes(self) -> dict[Verdict, int]:
         """Requests by outcome."""
-        return {outcome: self.recorder.outcomes[outcome] for outcome in Outcome}
+        return {outcome: self.recorder.outcomes[outcome] for outcome in Verdict}
 
     @property
     def other_statuses(self) -> dict[int, int]:
@@ -171,7 +171,7 @@ class LoadReport:
         seconds = []
         for index, row in enumerate(rows[: last + 1]):
             counts = {"sent": row[Column.SENT], "dropped": row[Column.DROPPED]}
-            counts.update({outcome.key: row[outcome] for outcome in Outcome})
+            counts.update({outcome.key: row[outcome] for outcome in Verdict})
             seconds.append(
                 Second(index * width, width, counts, self.recorder.timeline_ok.get(index))
             )

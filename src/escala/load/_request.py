@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ._record import Outcome
+from ._record import Verdict
 from ._spec import LoadError, LoadSpec
 
 __all__ = [
@@ -81,7 +81,7 @@ def default_headers(spec: LoadSpec) -> dict[str, str]:
 
 async def send(
     session: aiohttp.ClientSession, spec: LoadSpec, headers: dict[str, str]
-) -> tuple[Outcome, int, str]:
+) -> tuple[Verdict, int, str]:
     """Send the request once and read the whole answer.
 
     Returns:
@@ -93,11 +93,11 @@ async def send(
             spec.method, spec.url, data=spec.body, headers=headers, allow_redirects=False
         ) as response:
             await response.read()
-            return Outcome.of_status(response.status), response.status, ""
+            return Verdict.of_status(response.status), response.status, ""
     except TimeoutError:
-        return Outcome.TIMEOUT, 0, f"no complete answer within {spec.timeout:g} s"
+        return Verdict.TIMEOUT, 0, f"no complete answer within {spec.timeout:g} s"
     except (aiohttp.ClientError, OSError) as exc:
-        return Outcome.CONNECTION, 0, describe(exc)
+        return Verdict.CONNECTION, 0, describe(exc)
 
 
 def describe(exc: BaseException) -> str:

@@ -24,16 +24,17 @@ import math
 import time
 from collections.abc import Callable
 
+from .. import Pool  # escala's own engine, through its public face
 from .._worker.cpu import usable_cpus
 from ._board import Board, Field, Snapshot
 from ._closed import run_closed
 from ._open import run_open
-from ._record import Outcome, Recorder
+from ._record import Recorder, Verdict
 from ._report import LoadReport
 from ._request import cancel_all, ensure_allowed, open_session
 from ._spec import LoadError, LoadSpec, Model
 
-__all__ = ["Progress", "arun", "processes_for", "run"]
+__all__ = ["LoadProgress", "arun", "processes_for", "run"]
 
 # What one generator process is given by default: a share of the rate it sends with time
 # to spare (it sustains several times more against a fast server), or of the users.
@@ -47,7 +48,7 @@ _READY_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Progress:
+class LoadProgress:
     """Where a run stands, for a live progress line.
 
     Attributes:
@@ -102,7 +103,7 @@ def planned_span(spec: LoadSpec) -> float:
     return min(spec.duration, spec.limit / spec.rate)
 
 
-def run(spec: LoadSpec, *, progress: Callable[[Progress], None] | None = None) -> LoadReport:
+def run(spec: LoadSpec, *, progress: Callable[[LoadProgress], None] | None = None) -> LoadReport:
     """Run ``spec`` and return what it measured; Ctrl-C returns the partial report.
 
     Args:
@@ -119,7 +120,9 @@ def run(spec: LoadSpec, *, progress: Callable[[Progress], None] | None = None) -
     return _run_fanned(spec, count, progress)
 
 
-async def arun(spec: LoadSpec, *, progress: Callable[[Progress], None] | None = None) -> LoadReport:
+async def arun(
+    spec: LoadSpec, *, progress: Callable[[LoadProgress], None] | None = None
+) -> LoadReport:
     """Run ``spec`` on the running event loop, in this process, and return its report.
 
     Raises:
@@ -137,7 +140,7 @@ async def arun(spec: LoadSpec, *, progress: Callable[[Progress], None] | None = 
     return LoadReport(spec, 1, recorder, planned_span(spec))
 
 
-def _run_here(spec: LoadSpec, progress: Callable[[Progress], None] | None) -> LoadReport:
+def _run_here(spec: LoadSpec, progress: Callable[[LoadProgress], None] | None) -> LoadReport:
     recorder = Recorder(spec.duration)
     board = Board(1)
     interrupted = False
@@ -152,9 +155,8 @@ def _run_here(spec: LoadSpec, progress: Callable[[Progress], None] | None) -> Lo
 
 
 def _run_fanned(
-    spec: LoadSpec, count: int, progress: Callable[[Progress], None] | None
+    spec: LoadSpec, count: int, progress: Callable[[LoadProgress], None] | None
 ) -> LoadReport:
-    from .. import Pool  # escala's own engine, through its public face
 
     board = Board(count, shared=True)
     assert board.path is not None
@@ -176,7 +178,7 @@ def _run_fanned(
                         break
                     if progress is not None:
                         elapsed = max(0.0, time.monotonic() - started)
-                        progress(Progress(elapsed, spec.duration, board.total()))
+                        progress(LoadProgress(elapsed, spec.duration, board.total()))
             except KeyboardInterrupt:
                 # every process stops sending and hands back what it has
                 interrupted = True
@@ -244,7 +246,7 @@ async def _drive(
     share: _Share,
     recorder: Recorder,
     board: Board,
-    progress: Callable[[Progress], None] | None = None,
+    progress: Callable[[LoadProgress], None] | None = None,
 ) -> None:
     spec = share.spec
     loop = asyncio.get_running_loop()
@@ -295,7 +297,7 @@ async def _watch(
     board: Board,
     runner: asyncio.Task[None],
     t0: float,
-    progress: Callable[[Progress], None] | None,
+    progress: Callable[[LoadProgress], None] | None,
 ) -> None:
     """Publish the counters, show progress, and stop the run when the parent asks."""
     loop = asyncio.get_running_loop()
@@ -309,16 +311,16 @@ async def _watch(
         if progress is not None and loop.time() - shown >= _SHOW:
             shown = loop.time()
             elapsed = max(0.0, loop.time() - t0)
-            progress(Progress(elapsed, share.spec.duration, board.total()))
+            progress(LoadProgress(elapsed, share.spec.duration, board.total()))
 
 
 def _publish(slot: int, recorder: Recorder, board: Board) -> None:
     counts = recorder.outcomes
     board.write(slot, Field.SENT, recorder.sent)
     board.write(slot, Field.ANSWERED, recorder.answered)
-    board.write(slot, Field.OK, counts[Outcome.OK])
-    board.write(slot, Field.REJECTED, counts[Outcome.TOO_MANY] + counts[Outcome.UNAVAILABLE])
-    failed = counts[Outcome.OTHER] + counts[Outcome.TIMEOUT] + counts[Outcome.CONNECTION]
+    board.write(slot, Field.OK, counts[Verdict.OK])
+    board.write(slot, Field.REJECTED, counts[Verdict.TOO_MANY] + counts[Verdict.UNAVAILABLE])
+    failed = counts[Verdict.OTHER] + counts[Verdict.TIMEOUT] + counts[Verdict.CONNECTION]
     board.write(slot, Field.FAILED, failed)
     board.write(slot, Field.DROPPED, recorder.dropped)
     board.write(slot, Field.INFLIGHT, recorder.inflight)

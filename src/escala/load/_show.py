@@ -18,9 +18,9 @@ from rich.text import Text
 
 from ._compare import Comparison
 from ._histogram import Histogram
-from ._record import Outcome
+from ._record import Verdict
 from ._report import LAG_LIMIT, RATE_FLOOR, LoadReport, Second
-from ._run import Progress
+from ._run import LoadProgress
 from ._spec import Model
 
 __all__ = ["comparison_table", "progress_line", "report_view", "save_plot"]
@@ -37,7 +37,7 @@ def duration_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-def progress_line(where: Progress, label: str = "") -> Text:
+def progress_line(where: LoadProgress, label: str = "") -> Text:
     """Return the live line: elapsed time, requests, outcomes, in flight."""
     c = where.counts
     rate = c.sent / where.elapsed if where.elapsed > 0 else 0.0
@@ -90,11 +90,15 @@ def _counts_table(report: LoadReport) -> Table:
     else:
         rate = f"{report.throughput:,.1f} answers/s from {spec.users} user(s)"
     table.add_row("sent", f"{report.sent:,}", "", rate)
-    styles = {Outcome.OK: "green", Outcome.TOO_MANY: "yellow", Outcome.UNAVAILABLE: "yellow"}
+    styles = {
+        Verdict.OK: "green",
+        Verdict.TOO_MANY: "yellow",
+        Verdict.UNAVAILABLE: "yellow",
+    }
     for outcome, count in report.outcomes.items():
         share = f"{count / report.sent:.1%}" if report.sent and count else ""
         note = ""
-        if outcome is Outcome.OTHER and count:
+        if outcome is Verdict.OTHER and count:
             note = ", ".join(f"{s} ×{n:,}" for s, n in report.other_statuses.items())
         elif outcome.key in report.recorder.errors and count:
             note = report.recorder.errors[outcome.key]
@@ -268,10 +272,10 @@ def comparison_table(comparison: Comparison) -> RenderableType:
     failed = [
         (name, report)
         for name, _, report, _ in rows
-        if report.recorder.outcomes[Outcome.OK] < report.recorder.answered
+        if report.recorder.outcomes[Verdict.OK] < report.recorder.answered
     ]
     for name, report in failed:
-        bad = report.recorder.answered - report.recorder.outcomes[Outcome.OK]
+        bad = report.recorder.answered - report.recorder.outcomes[Verdict.OK]
         parts.append(Text(f"{name}: {bad:,} answers were not 2xx", "yellow"))
     if comparison.together is not None:
         parts.append(Text(f"Speed-up: ×{comparison.speedup:,.1f} the throughput.", "bold"))

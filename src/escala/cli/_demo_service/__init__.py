@@ -13,7 +13,7 @@ Every figure comes from this run: real servers on 127.0.0.1, real requests from
                                                ──▶ server 3 (the same, --no-admission)
         │
         ▼
-    _demo_service_show.py: figures ──▶ three tables with a lesson each, one chart, JSON
+    _show.py: figures ──▶ three tables with a lesson each, one chart, JSON
 
 Each server is a subprocess stopped by its own pid (SIGTERM, then kill), in ``finally``
 blocks, so that an error or Ctrl-C leaves nothing running.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import math
 import os
@@ -40,91 +39,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._common import TaskFailed, UsageError
+from . import _show as show
+from ._chart import save_chart
+from ._figures import (
+    CALL_TARGET,
+    CONCURRENCY,
+    CPU_SHARE,
+    HEALTH_RATE,
+    IO_LIMIT,
+    NAP,
+    OVERLOAD,
+    OVERLOAD_NAP,
+    TIMEOUT,
+    LoopLag,
+    OffloadPhase,
+    OverloadPhase,
+    Results,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from ...load import Comparison, LoadReport, LoadSpec, Progress
+    from ...load import Comparison, LoadProgress, LoadReport, LoadSpec
 
 __all__ = ["LoopLag", "OffloadPhase", "OverloadPhase", "Results", "run"]
 
-# (a) one request naps this long: I/O-bound, the server's CPU is idle meanwhile
-NAP = 0.05
-CONCURRENCY = 20
-# (b) one fib call should take about this long; the load keeps one core 40% busy
-CALL_TARGET = 0.020
-CPU_SHARE = 0.4
-HEALTH_RATE = 50.0
-# (c) a server that runs IO_LIMIT naps of OVERLOAD_NAP at once serves IO_LIMIT/OVERLOAD_NAP
-# requests/s; it is offered three times that
-IO_LIMIT = 8
-OVERLOAD_NAP = 0.1
-OVERLOAD = 3.0
-# below 5 s on purpose: aiohttp rounds a deadline of 5 s or more up to the loop clock's next
-# whole second, so that a "5 s" timeout fires after 5 to 6 s
-TIMEOUT = 4.0
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 15.0
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopLag:
-    """The server's event-loop lag over one phase, from its ``escala_loop_lag_seconds``.
-
-    A histogram knows how many samples fell between two bucket edges, not where: p99 and
-    max are given as the bucket that holds them, ``(lower, upper)`` in seconds (upper is
-    ``inf`` past the last edge).
-
-    Attributes:
-        probes: lag samples taken in the phase (one per 20 ms while the loop is free).
-        mean: seconds, exact (the histogram's sum over its count).
-        p99: the bucket that holds the 99th percentile.
-        max: the highest bucket with a sample.
-        buckets: samples of the phase at or below each edge (seconds; cumulative).
-    """
-
-    probes: int
-    mean: float
-    p99: tuple[float, float]
-    max: tuple[float, float]
-    buckets: dict[float, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class OffloadPhase:
-    """(b) one CPU task under load, with a /healthz probe beside it."""
-
-    task: str
-    runs_on: str
-    work: LoadReport
-    health: LoadReport
-    lag: LoopLag
-
-
-@dataclasses.dataclass(frozen=True)
-class OverloadPhase:
-    """(c) one server offered more than it can serve, admission control on or off."""
-
-    admission: bool
-    report: LoadReport
-
-
-@dataclasses.dataclass
-class Results:
-    """Everything the demo measured, filled in as it goes."""
-
-    scale: float
-    machine: str = ""
-    simultaneous: Comparison | None = None
-    fib_n: int = 0
-    call_seconds: float = 0.0
-    cpu_workers: int = 0
-    offload: list[OffloadPhase] = dataclasses.field(default_factory=list)
-    offload_rate: float = 0.0
-    offload_duration: float = 0.0
-    overload: list[OverloadPhase] = dataclasses.field(default_factory=list)
-    overload_duration: float = 0.0
-    servers: list[int] = dataclasses.field(default_factory=list)
 
 
 def run(args: argparse.Namespace, *, machine: str, leftovers: Callable[[], str]) -> int:
@@ -149,8 +90,6 @@ def run(args: argparse.Namespace, *, machine: str, leftovers: Callable[[], str])
         ) from None
     from rich.console import Console
 
-    from . import _show as show
-
     console = Console()
     console.print(f"[bold]escala demo --service[/bold] · {machine}")
     console.print(
@@ -169,7 +108,7 @@ def run(args: argparse.Namespace, *, machine: str, leftovers: Callable[[], str])
         finally:
             fleet.stop_all()
     chart = None if args.no_chart else (args.chart or "escala-demo-service.png")
-    show.outputs(console, results, args.json, chart)
+    _outputs(console, results, args.json, chart)
     gone = _gone(results.servers)
     console.print(
         f"\nDone in {time.perf_counter() - started:.1f} s; the {len(results.servers)} "
@@ -183,9 +122,8 @@ def _demonstrate(
 ) -> None:
     """Run the three scenarios, printing each table as soon as it is measured."""
     from ...load import _show as load_show
-    from . import _show as show
 
-    def progress(label: str) -> Callable[[Progress], None]:
+    def progress(label: str) -> Callable[[LoadProgress], None]:
         return lambda where: say(load_show.progress_line(where, label))
 
     server = fleet.start("main", ())
@@ -227,7 +165,7 @@ def _checked(report: LoadReport) -> LoadReport:
 
 
 def _simultaneous(
-    url: str, scale: float, progress: Callable[[str], Callable[[Progress], None]]
+    url: str, scale: float, progress: Callable[[str], Callable[[LoadProgress], None]]
 ) -> Comparison:
     """(a) ``compare``: the same naps one after another, then CONCURRENCY at a time."""
     from ...load import compare
@@ -265,7 +203,7 @@ def _calibrate(results: Results, url: str) -> None:
 
 
 def _offload(
-    results: Results, url: str, progress: Callable[[str], Callable[[Progress], None]]
+    results: Results, url: str, progress: Callable[[str], Callable[[LoadProgress], None]]
 ) -> None:
     """(b) the same CPU task, in the process pool and then on the loop, under one load.
 
@@ -297,7 +235,7 @@ def _offload(
         results.offload.append(OffloadPhase(task, runs_on, loaded, probed, lag))
 
 
-def _overload(url: str, duration: float, progress: Callable[[Progress], None]) -> LoadReport:
+def _overload(url: str, duration: float, progress: Callable[[LoadProgress], None]) -> LoadReport:
     """(c) naps offered at OVERLOAD × capacity, open model, for ``duration`` seconds."""
     from ...load import run as load
 
@@ -495,3 +433,21 @@ def _gone(pids: Sequence[int]) -> str:
     children = {child.pid for child in psutil.Process().children(recursive=True)}
     alive = [pid for pid in pids if pid in children]
     return "have exited" if not alive else f"are STILL RUNNING: {alive}"
+
+
+def _outputs(console: Any, results: Results, json_path: str | None, chart: str | None) -> None:
+    """Write the JSON and the chart, if asked, and say where."""
+    if json_path:
+        try:
+            Path(json_path).write_text(json.dumps(show.to_json(results), indent=2) + "\n")
+        except OSError as exc:
+            console.print(f"\nCannot write --json {json_path!r}: {exc.strerror or exc}")
+        else:
+            console.print(f"\nResults written to [bold]{json_path}[/bold]")
+    if chart:
+        try:
+            saved = save_chart(results, chart)
+        except ImportError:
+            console.print("\nThe chart needs matplotlib: pip install 'escala[demo]'")
+        else:
+            console.print(f"\nChart saved to [bold]{saved.resolve()}[/bold]")

@@ -10,10 +10,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._show import Admission, Batch, Placement, admissions, batches, placements, plain, span
+from ._figures import TIMEOUT
+from ._show import Admission, Placement, Round, admissions, placements, plain, rounds, span
 
 if TYPE_CHECKING:
-    from . import Results
+    from ._figures import Results
 
 __all__ = ["save_chart"]
 
@@ -36,7 +37,7 @@ def save_chart(results: Results, path: str) -> Path:
         f"escala demo --service · {results.machine} · measured on this machine", fontsize=10
     )
     first, second, third = figure.subplots(1, 3)
-    _draw_simultaneous(first, batches(results))
+    _draw_simultaneous(first, rounds(results))
     _draw_offload(second, placements(results))
     _draw_overload(third, admissions(results))
     for axis in (first, second, third):
@@ -63,7 +64,7 @@ def _log_ms(axis: Any) -> None:
     axis.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _draw_simultaneous(axis: Any, rows: list[Batch]) -> None:
+def _draw_simultaneous(axis: Any, rows: list[Round]) -> None:
     bars = axis.bar(
         [row.name for row in rows], [row.throughput for row in rows], color=["#9e9e9e", _ON]
     )
@@ -112,7 +113,6 @@ def _draw_offload(axis: Any, rows: list[Placement]) -> None:
 
 
 def _draw_overload(axis: Any, rows: list[Admission]) -> None:
-    from . import TIMEOUT
 
     for row, color in zip(rows, (_ON, _OFF), strict=False):
         name = f"admission {'on' if row.admission else 'off'}"

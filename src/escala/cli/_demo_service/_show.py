@@ -9,12 +9,10 @@ not the expected lesson (on a loaded machine, say).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -22,23 +20,24 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ...load import LoadReport, Outcome
+from ... import __version__, usable_cpus
+from ...load import LoadReport, Verdict
 from ...load._show import duration_text
+from ._figures import HEALTH_RATE, IO_LIMIT, NAP, OVERLOAD_NAP, TIMEOUT
 
 if TYPE_CHECKING:
-    from . import LoopLag, Results
+    from ._figures import LoopLag, Results
 
 __all__ = [
     "Admission",
-    "Batch",
     "Placement",
+    "Round",
     "admissions",
-    "batches",
     "offload_view",
-    "outputs",
     "overload_view",
     "placements",
     "plain",
+    "rounds",
     "simultaneous_view",
     "span",
 ]
@@ -74,7 +73,7 @@ def span(bucket_ms: tuple[float, float]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Batch:
+class Round:
     """(a) one run of the comparison; latencies in ms."""
 
     name: str
@@ -129,7 +128,7 @@ class Admission:
     problems: list[str]
 
 
-def batches(results: Results) -> list[Batch]:
+def rounds(results: Results) -> list[Round]:
     """Return the runs of (a), one after another first."""
     comparison = results.simultaneous
     if comparison is None:
@@ -138,11 +137,11 @@ def batches(results: Results) -> list[Batch]:
     if comparison.together is not None:
         rows.append(("simultaneously", comparison.concurrency, comparison.together))
     return [
-        Batch(
+        Round(
             name=name,
             in_flight=width,
             answered=report.recorder.answered,
-            failed=report.recorder.answered - report.outcomes[Outcome.OK],
+            failed=report.recorder.answered - report.outcomes[Verdict.OK],
             wall_s=round(report.elapsed, 3),
             throughput=round(report.throughput, 2),
             mean_ms=_ms(report.ok.mean),
@@ -161,7 +160,7 @@ def placements(results: Results) -> list[Placement]:
             task=phase.task,
             runs_on=phase.runs_on,
             throughput=round(phase.work.throughput, 2),
-            failed=phase.work.recorder.answered - phase.work.outcomes[Outcome.OK],
+            failed=phase.work.recorder.answered - phase.work.outcomes[Verdict.OK],
             task_p50_ms=_ms(phase.work.ok.percentile(50)),
             task_p99_ms=_ms(phase.work.ok.percentile(99)),
             health_p99_ms=_ms(phase.health.ok.percentile(99)),
@@ -198,7 +197,7 @@ def admissions(results: Results) -> list[Admission]:
 
 def _admission(admission: bool, report: LoadReport) -> Admission:
     outcomes = report.outcomes
-    ok = outcomes[Outcome.OK]
+    ok = outcomes[Verdict.OK]
     return Admission(
         admission=admission,
         offered=report.spec.rate or 0.0,
@@ -207,10 +206,10 @@ def _admission(admission: bool, report: LoadReport) -> Admission:
         goodput=round(ok / report.elapsed, 2) if report.elapsed > 0 else 0.0,
         p50_ms=_ms(report.ok.percentile(50)),
         p99_ms=_ms(report.ok.percentile(99)),
-        refused_503=outcomes[Outcome.UNAVAILABLE],
-        refused_429=outcomes[Outcome.TOO_MANY],
-        timeouts=outcomes[Outcome.TIMEOUT],
-        other=outcomes[Outcome.OTHER] + outcomes[Outcome.CONNECTION],
+        refused_503=outcomes[Verdict.UNAVAILABLE],
+        refused_429=outcomes[Verdict.TOO_MANY],
+        timeouts=outcomes[Verdict.TIMEOUT],
+        other=outcomes[Verdict.OTHER] + outcomes[Verdict.CONNECTION],
         per_second=[
             {
                 "start_s": second.start,
@@ -274,9 +273,8 @@ def _warnings(name: str, report_problems: list[str], failed: int = 0) -> list[Te
 
 def simultaneous_view(results: Results) -> RenderableType:
     """Return table (a) and its lesson."""
-    from . import NAP
 
-    rows = batches(results)
+    rows = rounds(results)
     comparison = results.simultaneous
     assert comparison is not None
     table = _table(
@@ -301,7 +299,7 @@ def simultaneous_view(results: Results) -> RenderableType:
     return Group(Text(), table, note, *warnings, _Lesson(simultaneous_lesson(rows)))
 
 
-def simultaneous_lesson(rows: list[Batch]) -> str:
+def simultaneous_lesson(rows: list[Round]) -> str:
     """Say what (a) measured, from its figures."""
     if len(rows) < 2:
         return "Only the first run was measured."
@@ -332,7 +330,6 @@ def simultaneous_lesson(rows: list[Batch]) -> str:
 
 def offload_view(results: Results) -> RenderableType:
     """Return table (b) and its lesson."""
-    from . import HEALTH_RATE
 
     rows = placements(results)
     table = _table(
@@ -394,7 +391,6 @@ def offload_lesson(rows: list[Placement]) -> str:
 
 def overload_view(results: Results) -> RenderableType:
     """Return table (c) and its lesson."""
-    from . import IO_LIMIT, OVERLOAD_NAP, TIMEOUT
 
     rows = admissions(results)
     offered = rows[0].offered if rows else 0.0
@@ -468,10 +464,8 @@ def overload_lesson(rows: list[Admission]) -> str:
 
 def to_json(results: Results) -> dict[str, Any]:
     """Return every figure of the demo as plain data, for ``--json``; latencies in ms."""
-    from ... import __version__, usable_cpus
-
     comparison = results.simultaneous
-    runs, kinds, servers = batches(results), placements(results), admissions(results)
+    runs, kinds, servers = rounds(results), placements(results), admissions(results)
     return {
         "machine": {
             "line": results.machine,
@@ -504,23 +498,3 @@ def to_json(results: Results) -> dict[str, Any]:
             "lesson": plain(overload_lesson(servers)),
         },
     }
-
-
-def outputs(console: Any, results: Results, json_path: str | None, chart: str | None) -> None:
-    """Write the JSON and the chart, if asked, and say where."""
-    if json_path:
-        try:
-            Path(json_path).write_text(json.dumps(to_json(results), indent=2) + "\n")
-        except OSError as exc:
-            console.print(f"\nCannot write --json {json_path!r}: {exc.strerror or exc}")
-        else:
-            console.print(f"\nResults written to [bold]{json_path}[/bold]")
-    if chart:
-        try:
-            from ._chart import save_chart
-
-            saved = save_chart(results, chart)
-        except ImportError:
-            console.print("\nThe chart needs matplotlib: pip install 'escala[demo]'")
-        else:
-            console.print(f"\nChart saved to [bold]{saved.resolve()}[/bold]")
