@@ -1,30 +1,23 @@
 """escala: run each piece of work the right way, sequentially, concurrently or in parallel.
 
-The map of the house (data flows one way, top to bottom)::
+The map of the house (``ls`` draws it; data flows one way, top to bottom; each layer imports
+only the layers below it, which ``tests/test_architecture.py`` checks)::
 
-    escala.map / imap / amap / aimap / Pool        _api.py      options in, results out
-        │ Options (frozen, validated)              _options.py  _pool.py
-        │ plan: backend, workers, scheduler        _plan.py
-        ▼
-    driver: sync (queue) or async (asyncio.Queue)  _drive.py    moves events, owns no policy
-        │ ▲
-        ▼ │
-    Scheduler (sans I/O): window, batching,        _engine.py   the same for every mode
-    retries, ordering, error policy
-        │ batches             ▲ Done
-        ▼                     │
-    backend, one per mode                          backends/    sequential, threads,
-    (loaded by name on first use)                               processes, asyncio
+    cli/  service/  load/  store/  bench/     clients of the public face, like any user
         │
-        ▼
-    WorkerContext: runs tasks inside a worker      _calls.py    state, initializer, loops
-
-``mode="auto"`` (the default of map/imap) first asks the advisor (``advisor/``: sample,
-measure, decide, explain) and then runs the rest through the same driver (``_auto.py``).
-
-Cross-cutting: ``_errors.py`` (the exception tree), ``_pickling.py`` (what crosses a process
-boundary), ``_cpu.py`` (usable cores, native thread caps), ``_progress.py`` (rich bar).
-Backends never import each other, the API or the drivers.
+    escala.map / imap / amap / aimap / Pool   _api.py _pool.py    options in, results out
+    mode="auto"                               _auto.py            measure, decide, run
+        │
+    advisor/          sample, measure hand-off costs, decide, explain
+        │
+    _core/            one run: start_run() assembles plan, backend and scheduler;
+        │             the drivers (sync, async) move events; the Scheduler (sans I/O) owns
+        │             window, batching, retries, order and error policy
+    backends/         one module per execution model behind one protocol, loaded by name
+        │
+    _worker/          what crosses to a worker and runs there: messages, pickling, the
+        │             worker's context, usable cores
+    _options.py _task.py _errors.py            typed options, task hints, the exception tree
 """
 
 from __future__ import annotations

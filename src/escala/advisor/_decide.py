@@ -149,7 +149,7 @@ def decide_cluster(
     n = remaining if remaining is not None else ASSUMED_ITEMS
     wall = max(m.wall, 1e-9)
     slots = max(1, min(cluster.cores, workers or cluster.cores, n))
-    # as the engine's BatchSizer sizes them: about BATCH_TARGET of work, 4 per slot at least
+    # as the scheduler's BatchSizer sizes them: about BATCH_TARGET of work, 4 per slot at least
     batch = max(1, min(MAX_BATCH, math.floor(BATCH_TARGET / wall), math.ceil(n / (4 * slots))))
     moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
     work = n * wall / slots

@@ -41,7 +41,7 @@ class Reason(enum.Enum):
 THREADS_CAP = 256
 #: A parallel mode must promise at least this much of a gain over sequential.
 MIN_GAIN = 1.1
-#: Batches are sized to about this much work (the engine's BatchSizer.TARGET).
+#: Batches are sized to about this much work (the scheduler's BatchSizer.TARGET).
 BATCH_TARGET = 0.02
 #: Pickling throughput assumed for moving arguments and results (bytes per second).
 PICKLE_RATE = 500e6
@@ -53,5 +53,5 @@ ASSUMED_ITEMS = 10_000
 #: The cluster must promise to finish this many times sooner than this machine's best mode:
 #: its figures come from a few empty tasks, and a shared cluster's load changes.
 CLUSTER_GAIN = 1.25
-#: The most tasks per hand-off (the engine's BatchSizer.CAP).
+#: The most tasks per hand-off (the scheduler's BatchSizer.CAP).
 MAX_BATCH = 16384

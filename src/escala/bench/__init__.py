@@ -1,4 +1,4 @@
-"""Side-by-side runs of one workload under every mode: the engine of ``escala demo | bench``.
+"""Side-by-side runs of one workload under every mode: what ``escala demo | bench`` run.
 
 The map (data flows one way, top to bottom)::
 

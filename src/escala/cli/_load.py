@@ -60,21 +60,21 @@ def add_commands(commands: Any) -> None:
     )
     pacing.add_argument("--think", metavar="S", default="0", help="users' pause between requests")
     pacing.add_argument("--seed", metavar="N", help="seed of the Poisson arrivals")
-    engine = load.add_argument_group("generator")
-    engine.add_argument(
+    generator = load.add_argument_group("generator")
+    generator.add_argument(
         "--processes",
         metavar="P",
         help="generator processes (default: what the load needs, "
         "one per 1,000 requests/s or per user, at most the usable cores)",
     )
-    engine.add_argument(
+    generator.add_argument(
         "--max-inflight",
         metavar="N",
         default="10000",
         help="requests in flight at once (open model; default 10000); more are dropped",
     )
-    engine.add_argument("--timeout", metavar="S", default="10s", help="per request (default 10s)")
-    engine.add_argument(
+    generator.add_argument("--timeout", metavar="S", default="10s", help="per request (default 10s)")
+    generator.add_argument(
         "--allow-remote", action="store_true", help="allow a target on another machine"
     )
     request = load.add_argument_group("request")

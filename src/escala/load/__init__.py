@@ -1,4 +1,4 @@
-"""escala load: a load generator that tells the truth, built on escala's own engine.
+"""escala load: a load generator that tells the truth, built on escala's own Pool.
 
 Most Python load tools wait for each answer before sending the next request, so a server
 that stalls looks fast: nobody sent anything during the stall ("coordinated omission").

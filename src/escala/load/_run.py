@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 
-from .. import Pool  # escala's own engine, through its public face
+from .. import Pool  # escala's own Pool, through its public face
 from .._worker.cpu import usable_cpus
 from ._board import Board, Field, Snapshot
 from ._closed import run_closed
