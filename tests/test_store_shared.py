@@ -1,21 +1,20 @@
 """What the PostgreSQL store does for nodes that share it: fair claims, backlog, messages.
 
-The Store contract itself is in ``test_store_postgres.py``; these are the extra duties of
-a ``SharedStore`` (the queue lives in the database, nodes tell each other of changes).
+The Store contract itself is in ``test_store.py`` (``open_store`` and ``is_shared`` too);
+these are the extra duties of a ``SharedStore`` (the queue lives in the database, nodes
+tell each other of changes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import pathlib
 from collections.abc import AsyncIterator
 
 import psycopg
 
-from escala.store import ApiKey, NewJob, is_shared, open_store
+from escala.store import ApiKey, NewJob
 from escala.store.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresStore
-from escala.store.sqlite import SQLiteStore
 
 
 @contextlib.asynccontextmanager
@@ -185,10 +184,3 @@ def test_a_store_at_schema_1_is_migrated(pg_url: str) -> None:
         assert conn.execute("SELECT version FROM escala_schema").fetchall() == [(SCHEMA_VERSION,)]
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes").fetchall()}
         assert "escala_jobs_fair" in indexes
-
-
-def test_open_store_picks_by_url(tmp_path: pathlib.Path) -> None:
-    pg_store = open_store("postgresql://nobody@127.0.0.1:1/none")
-    assert isinstance(pg_store, PostgresStore) and is_shared(pg_store)
-    lite = open_store(f"{tmp_path}/jobs.db")
-    assert isinstance(lite, SQLiteStore) and not is_shared(lite)

@@ -4,12 +4,14 @@ The map of this package, from the outside in::
 
     _server   uvicorn, signals, the listening socket
     _worker   `escala worker`: the same Service without HTTP, on a shared store
-    _app      FastAPI routes, auth, body limit, admission middleware (HTTP in, JSON out)
+    _app      the FastAPI app: body limit, admission middleware, error handlers
+    _routes   the routers (jobs, run, operations, pages) and auth (HTTP in, JSON out)
+    _schemas  the bodies and answers, and the ASCII-only JSON they travel in
     _core     Service: admission, fair queues, dispatch to escala pools, leases, events
     _shared   the queue when it lives in a store many nodes share (PostgreSQL)
     _admission  in-flight gate with CoDel timeouts, token buckets, queue-wait deadline
     _fair     weighted deficit round robin across users
-    _types    Refused, RunResult, Progress (report_progress), Lifecycle, error shapes
+    _types    Refused, RunResult, JobProgress (report_progress), Lifecycle, error shapes
     _auth     API keys (hashed), _metrics (Prometheus, loop lag), _registry (tasks)
     ../store  where jobs live: SQLite by default, PostgreSQL for many nodes
 

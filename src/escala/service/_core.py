@@ -44,8 +44,8 @@ from ._metrics import LoopLagProbe, Metrics
 from ._registry import TaskSpec, specs_of
 from ._shared import POLL, SharedQueue
 from ._types import (
+    JobProgress,
     Lifecycle,
-    Progress,
     Refused,
     RunResult,
     TooManyAttempts,
@@ -147,8 +147,7 @@ class Service:
         try:
             self.executor.start()
             await self.store.open()
-            exclusive = bool(getattr(self.store, "exclusive", False))
-            recovered = await self.store.recover(self.owner, all_others=exclusive)
+            recovered = await self.store.recover(self.owner, all_others=self.store.exclusive)
             await self.auth.load()
             if self.shared is None:
                 await self._requeue_stored()
@@ -431,10 +430,10 @@ class Service:
             if (job := await self.store.get(job_id)) is not None:
                 self.watchers.publish(job)
 
-    def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | Progress]:
+    def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | JobProgress]:
         """Yield the user's job now and at every change, until it ends or ``timeout``.
 
-        Between changes of state, yields the ``Progress`` its task reports. Yields
+        Between changes of state, yields the ``JobProgress`` its task reports. Yields
         nothing for a job that is missing or someone else's.
         """
         return self.watchers.watch(user, job_id, timeout)
@@ -498,7 +497,7 @@ class Service:
         return _Ticket(job.id, job.user, self.tasks[job.task], time.monotonic() - waited)
 
     def _progress(self, job_id: str, done: float, note: str) -> None:
-        self.watchers.publish(Progress(job_id, done, note))
+        self.watchers.publish(JobProgress(job_id, done, note))
 
     async def _execute(self, ticket: _Ticket, job: Job | None) -> None:
         pool = ticket.spec.pool

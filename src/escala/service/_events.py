@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..store import Job
-from ._types import Progress, Refused
+from ._types import JobProgress, Refused
 
 __all__ = ["Watchers"]
 
@@ -37,22 +37,24 @@ class Watchers:
         self._get = get
         self._limit = limit
         self._poll = poll
-        self._queues: dict[str, set[asyncio.Queue[Job | Progress]]] = {}
+        self._queues: dict[str, set[asyncio.Queue[Job | JobProgress]]] = {}
         self.count = 0
 
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._queues
 
-    def publish(self, change: Job | Progress) -> None:
+    def publish(self, change: Job | JobProgress) -> None:
         """Hand a change of a job to everyone watching it."""
         job_id = change.id if isinstance(change, Job) else change.job_id
         for changes in self._queues.get(job_id, ()):
             changes.put_nowait(change)
 
-    async def watch(self, user: str, job_id: str, timeout: float) -> AsyncIterator[Job | Progress]:
+    async def watch(
+        self, user: str, job_id: str, timeout: float
+    ) -> AsyncIterator[Job | JobProgress]:
         """Yield the user's job now and at every change, until it ends or ``timeout``.
 
-        Between changes of state, yields the ``Progress`` its task reports. Yields
+        Between changes of state, yields the ``JobProgress`` its task reports. Yields
         nothing for a job that is missing or someone else's.
 
         Raises:
@@ -60,7 +62,7 @@ class Watchers:
         """
         if self.count >= self._limit:
             raise Refused(503, "too many open event streams and long-polls", 1)
-        changes: asyncio.Queue[Job | Progress] = asyncio.Queue()
+        changes: asyncio.Queue[Job | JobProgress] = asyncio.Queue()
         queues = self._queues.setdefault(job_id, set())
         queues.add(changes)
         self.count += 1

@@ -16,8 +16,8 @@ from typing import Any
 from ..store import JobState
 
 __all__ = [
+    "JobProgress",
     "Lifecycle",
-    "Progress",
     "Refused",
     "RunResult",
     "TooManyAttempts",
@@ -81,7 +81,7 @@ class RunResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
+class JobProgress:
     """How far a running job has come, as its task reported it."""
 
     job_id: str

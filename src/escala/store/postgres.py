@@ -30,7 +30,6 @@ table name starts with ``escala_``, so the store can share a database with other
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -47,7 +46,26 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "the PostgreSQL job store needs psycopg 3: pip install 'escala[postgres]'"
     ) from exc
 
-from escala.store import ApiKey, Backlog, Job, JobState, NewJob, StoreError
+from ._common import (
+    CANCELLED,
+    JOB_COLUMNS,
+    KEY_COLUMNS,
+    Lifecycle,
+    already_opened,
+    at_least_one,
+    count_states,
+    database_error,
+    encode_job,
+    encode_outcome,
+    job_columns,
+    job_from_row,
+    key_row,
+    key_taken,
+    newer_schema,
+    not_open,
+    to_json,
+)
+from ._types import ApiKey, Backlog, Job, JobState, NewJob, StoreError
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresStore"]
 
@@ -93,42 +111,22 @@ _MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_FIELDS = (
-    "id",
-    '"user"',
-    "task",
-    "args",
-    "kwargs",
-    "priority",
-    "idempotency_key",
-    "state",
-    "attempts",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "result",
-    "error",
-    "owner",
-    "lease_until",
-)
-_COLUMNS = ", ".join(_FIELDS)
 _NOW = "extract(epoch FROM statement_timestamp())::float8"  # one instant per statement
-_CANCELLED = '{"type":"Cancelled","message":"cancelled by the user"}'
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS escala_schema (
     one boolean PRIMARY KEY DEFAULT true CHECK (one), version integer NOT NULL)"""
-_GET = f"SELECT {_COLUMNS} FROM escala_jobs WHERE id = %s"
-_SELECT_KEY = f'SELECT {_COLUMNS} FROM escala_jobs WHERE "user" = %s AND idempotency_key = %s'
+_GET = f"SELECT {JOB_COLUMNS} FROM escala_jobs WHERE id = %s"
+_SELECT_KEY = f'SELECT {JOB_COLUMNS} FROM escala_jobs WHERE "user" = %s AND idempotency_key = %s'
 _INSERT = (
-    f"INSERT INTO escala_jobs ({_COLUMNS}) VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, "
+    f"INSERT INTO escala_jobs ({JOB_COLUMNS}) VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, "
     f"'queued', 0, {_NOW}, NULL, NULL, NULL, NULL, NULL, NULL) "
     """ON CONFLICT ("user", idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING """
-    f"RETURNING {_COLUMNS}"
+    f"RETURNING {JOB_COLUMNS}"
 )
 _CLAIM = (
     f"UPDATE escala_jobs SET state = 'running', attempts = attempts + 1, started_at = {_NOW}, "
     f"owner = %s, lease_until = {_NOW} + %s WHERE id = ANY(%s) AND state = 'queued' "
-    f"RETURNING {_COLUMNS}"
+    f"RETURNING {JOB_COLUMNS}"
 )
 # The fair claim is start-time fair queuing, in one statement. Each user has a virtual
 # time (escala_fair.vtime): the turns it has been given, each worth 1 / its key's weight.
@@ -183,7 +181,7 @@ WITH RECURSIVE users AS (
     UPDATE escala_jobs j SET state = 'running', attempts = attempts + 1,
         started_at = {_NOW}, owner = %(owner)s, lease_until = {_NOW} + %(lease)s
     FROM next WHERE j.id = next.id
-    RETURNING {", ".join("j." + f for f in _FIELDS)}, next.turn
+    RETURNING {job_columns("j")}, next.turn
 ), charged AS (
     -- vtime = max(vtime, floor) + k / weight, also when another claimer moved it meanwhile
     INSERT INTO escala_fair ("user", vtime, charged)
@@ -210,45 +208,32 @@ _FINISH = (
 _CANCEL = (
     f"UPDATE escala_jobs SET state = 'cancelled', finished_at = {_NOW}, error = %s::jsonb, "
     """owner = NULL, lease_until = NULL WHERE id = %s AND "user" = %s """
-    f"AND state IN ('queued', 'running') RETURNING {_COLUMNS}"
+    f"AND state IN ('queued', 'running') RETURNING {JOB_COLUMNS}"
 )
-_SELECT_OWN = f'SELECT {_COLUMNS} FROM escala_jobs WHERE id = %s AND "user" = %s'
+_SELECT_OWN = f'SELECT {JOB_COLUMNS} FROM escala_jobs WHERE id = %s AND "user" = %s'
 _REQUEUE = "UPDATE escala_jobs SET state = 'queued', owner = NULL, lease_until = NULL WHERE "
 _RELEASE = _REQUEUE + "owner = %s AND id = ANY(%s) AND state = 'running'"
 _RECOVER = (
     _REQUEUE + f"state = 'running' AND (lease_until < {_NOW} OR (%s AND owner IS DISTINCT FROM %s))"
 )
-_QUEUED = f"SELECT {_COLUMNS} FROM escala_jobs WHERE state = 'queued' ORDER BY created_at, seq"
+_QUEUED = f"SELECT {JOB_COLUMNS} FROM escala_jobs WHERE state = 'queued' ORDER BY created_at, seq"
 _COUNTS = "SELECT state, count(*) FROM escala_jobs GROUP BY state"
-_ADD_KEY = (
-    'INSERT INTO escala_api_keys ("user", key_hash, weight, rate, burst, created_at) '
-    "VALUES (%s, %s, %s, %s, %s, %s)"
-)
+_ADD_KEY = f"INSERT INTO escala_api_keys ({KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
 _REMOVE_KEY = 'DELETE FROM escala_api_keys WHERE "user" = %s'
-_KEYS = (
-    'SELECT "user", key_hash, weight, rate, burst, created_at FROM escala_api_keys ORDER BY "user"'
-)
+_KEYS = f'SELECT {KEY_COLUMNS} FROM escala_api_keys ORDER BY "user"'
 
 
-def _dumps(value: Any, what: str) -> str:
+def _jsonb(value: Any, what: str) -> str:
     """Encode a JSON value for JSONB; ``TypeError`` naming the culprit if it is not one."""
-    try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"{what} is not a JSON value ({type(value).__name__}: {exc}); "
-            "return or pass only dicts, lists, strings, numbers, booleans and None"
-        ) from exc
+    text = to_json(value, what)
     if "\\u0000" in text:  # JSONB refuses it; say so before anything is sent
         raise TypeError(f"{what} holds a NUL character (\\u0000), which PostgreSQL cannot store")
     return text
 
 
 def _job(row: Sequence[Any]) -> Job:
-    """Build a ``Job`` from a row of ``_FIELDS`` (JSONB arrives already decoded)."""
-    values = list(row[: len(_FIELDS)])
-    values[7] = JobState(values[7])
-    return Job(*values)
+    """Build a ``Job`` from a row of ``JOB_COLUMNS`` (JSONB arrives already decoded)."""
+    return job_from_row(row)
 
 
 def _where(url: str) -> str:
@@ -275,7 +260,7 @@ def _connect_error(url: str, exc: psycopg.Error) -> str:
 class PostgresStore:
     """A ``Store`` in a PostgreSQL database, which many escala nodes may share.
 
-    Each method keeps the contract written on the ``Store`` protocol (``store/__init__.py``).
+    Each method keeps the contract written on the ``Store`` protocol (``store/_types.py``).
 
     Args:
         url: A libpq connection string: ``postgresql://user:password@host:port/dbname``
@@ -290,11 +275,10 @@ class PostgresStore:
     shared = True
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
-        if pool_size < 1:
-            raise ValueError(f"pool_size must be at least 1, not {pool_size}")
+        at_least_one("pool_size", pool_size)
         self.url = url
         self.pool_size = pool_size
-        self._state = "new"  # new -> open -> closed
+        self._state = Lifecycle.NEW
         self._pool: AsyncConnectionPool | None = None
 
     @property
@@ -315,9 +299,9 @@ class PostgresStore:
             StoreError: The URL is malformed, the server cannot be reached or refuses us,
                 the schema is newer than this escala, or the store was opened already.
         """
-        if self._state != "new":
-            raise StoreError("PostgreSQL store was already opened")
-        self._state = "open"
+        if self._state is not Lifecycle.NEW:
+            raise already_opened("PostgreSQL store")
+        self._state = Lifecycle.OPEN
         try:
             await self._open()
         except BaseException:
@@ -364,11 +348,8 @@ class PostgresStore:
                 row = await (await conn.execute("SELECT version FROM escala_schema")).fetchone()
                 version = 0 if row is None else int(row[0])
                 if version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the PostgreSQL job store at {_where(self.url)} has schema version "
-                        f"{version}, newer than this escala knows ({SCHEMA_VERSION}): "
-                        "upgrade escala to open it"
-                    )
+                    what = f"the PostgreSQL job store at {_where(self.url)}"
+                    raise newer_schema(what, version, SCHEMA_VERSION)
                 for statements in _MIGRATIONS[version:]:
                     for statement in statements:
                         await conn.execute(statement)
@@ -385,7 +366,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         """Close every connection. Safe to call twice, and after a failed ``open``."""
-        self._state = "closed"
+        self._state = Lifecycle.CLOSED
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -393,15 +374,13 @@ class PostgresStore:
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Borrow a connection (autocommit); turn database errors into ``StoreError``."""
-        if self._state != "open" or self._pool is None:
-            raise StoreError(
-                "store is closed" if self._state == "closed" else "store is not open yet"
-            )
+        if self._state is not Lifecycle.OPEN or self._pool is None:
+            raise not_open(self._state)
         try:
             async with self._pool.connection() as conn:
                 yield conn
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL job store: {str(exc).strip()}") from exc
+            raise database_error("PostgreSQL job store", exc) from exc
 
     async def _one(self, query: str, params: Sequence[Any]) -> Any:
         async with self._conn() as conn:
@@ -419,7 +398,7 @@ class PostgresStore:
 
     async def submit(self, job: NewJob) -> tuple[Job, bool]:
         """Commit a new QUEUED job, or find the one its idempotency key created."""
-        args, kwargs = _dumps(list(job.args), "args"), _dumps(dict(job.kwargs), "kwargs")
+        args, kwargs = encode_job(job, _jsonb)
         key = job.idempotency_key
         values = (uuid.uuid4().hex, job.user, job.task, args, kwargs, job.priority, key)
         async with self._conn() as conn:
@@ -498,10 +477,11 @@ class PostgresStore:
         When that connection is lost it connects again, and calls ``on_message("")``:
         whatever was sent meanwhile is lost, and the caller should look for itself.
         """
-        if self._state != "open":
-            raise StoreError("store is not open")
+        if self._state is not Lifecycle.OPEN:
+            raise not_open(self._state)
         failures = 0
-        while self._state == "open":  # ends once the store is closed, even if a cancel is lost
+        # ends once the store is closed, even if a cancel is lost
+        while self._state is Lifecycle.OPEN:
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT
@@ -538,16 +518,13 @@ class PostgresStore:
         error: Mapping[str, str] | None = None,
     ) -> bool:
         """Record the end of a RUNNING job held by ``owner``."""
-        if state not in (JobState.SUCCEEDED, JobState.FAILED):
-            raise ValueError(f"a job finishes as succeeded or failed, not {state.value}")
-        out = None if result is None else _dumps(result, f"the result of job {job_id}")
-        err = None if error is None else _dumps(dict(error), "error")
+        out, err = encode_outcome(job_id, state, result, error, _jsonb)
         return await self._rowcount(_FINISH, (state.value, out, err, job_id, owner)) == 1
 
     async def cancel(self, job_id: str, user: str) -> Job | None:
         """Cancel the user's job if it is QUEUED or RUNNING."""
         async with self._conn() as conn:
-            row = await (await conn.execute(_CANCEL, (_CANCELLED, job_id, user))).fetchone()
+            row = await (await conn.execute(_CANCEL, (CANCELLED, job_id, user))).fetchone()
             if row is None:  # missing, another user's, or already final
                 row = await (await conn.execute(_SELECT_OWN, (job_id, user))).fetchone()
         return None if row is None else _job(row)
@@ -568,19 +545,17 @@ class PostgresStore:
 
     async def counts(self) -> dict[JobState, int]:
         """Return how many jobs are in each state; every state is a key."""
-        found = {state: int(count) for state, count in await self._all(_COUNTS)}
-        return {state: found.get(state.value, 0) for state in JobState}
+        return count_states(await self._all(_COUNTS))
 
     # -- keys --------------------------------------------------------------------------
 
     async def add_key(self, key: ApiKey) -> None:
         """Store a key record."""
-        values = (key.user, key.key_hash, key.weight, key.rate, key.burst, key.created_at)
         try:
-            await self._rowcount(_ADD_KEY, values)
+            await self._rowcount(_ADD_KEY, key_row(key))
         except StoreError as exc:
             if isinstance(exc.__cause__, pg_errors.UniqueViolation):
-                raise StoreError(f"user {key.user!r} already has a key; remove it first") from None
+                raise key_taken(key.user) from None
             raise
 
     async def remove_key(self, user: str) -> bool:

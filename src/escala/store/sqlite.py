@@ -42,7 +42,24 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from escala.store import ApiKey, Job, JobState, NewJob, StoreError
+from ._common import (
+    CANCELLED,
+    JOB_COLUMNS,
+    KEY_COLUMNS,
+    Lifecycle,
+    already_opened,
+    at_least_one,
+    count_states,
+    database_error,
+    encode_job,
+    encode_outcome,
+    job_from_row,
+    key_row,
+    key_taken,
+    newer_schema,
+    not_open,
+)
+from ._types import ApiKey, Job, JobState, NewJob, StoreError
 
 __all__ = ["SQLiteStore"]
 
@@ -70,20 +87,15 @@ _MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_COLUMNS = (
-    "id, user, task, args, kwargs, priority, idempotency_key, state, attempts, "
-    "created_at, started_at, finished_at, result, error, owner, lease_until"
-)
-_CANCELLED = '{"type":"Cancelled","message":"cancelled by the user"}'
-_GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
-_SELECT_KEY = f"SELECT {_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?"
+_GET = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+_SELECT_KEY = f"SELECT {JOB_COLUMNS} FROM jobs WHERE user = ? AND idempotency_key = ?"
 _INSERT = (
-    f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, "
-    f"NULL, NULL, NULL, NULL, NULL, NULL) RETURNING {_COLUMNS}"
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, "
+    f"NULL, NULL, NULL, NULL, NULL, NULL) RETURNING {JOB_COLUMNS}"
 )
 _CLAIM = (
     "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-    f"owner = ?, lease_until = ? WHERE id = ? AND state = 'queued' RETURNING {_COLUMNS}"
+    f"owner = ?, lease_until = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
 )
 _HEARTBEAT = "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ?"
 _FINISH = (
@@ -92,39 +104,21 @@ _FINISH = (
 )
 _CANCEL = (
     "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ?, owner = NULL, "
-    f"lease_until = NULL WHERE id = ? RETURNING {_COLUMNS}"
+    f"lease_until = NULL WHERE id = ? RETURNING {JOB_COLUMNS}"
 )
 _REQUEUE = "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL WHERE "
 _RELEASE = _REQUEUE + "owner = ? AND id = ? AND state = 'running'"
 _RECOVER = _REQUEUE + "state = 'running' AND (lease_until < ? OR (? AND owner IS NOT ?))"
-_QUEUED = f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid"
+_QUEUED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid"
 _COUNTS = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
-_ADD_KEY = (
-    "INSERT INTO api_keys (user, key_hash, weight, rate, burst, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
+_ADD_KEY = f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 _REMOVE_KEY = "DELETE FROM api_keys WHERE user = ?"
-_KEYS = "SELECT user, key_hash, weight, rate, burst, created_at FROM api_keys ORDER BY user"
-
-
-def _dumps(value: Any, what: str) -> str:
-    """Encode a JSON value compactly; ``TypeError`` naming the culprit if it is not one."""
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"{what} is not a JSON value ({type(value).__name__}: {exc}); "
-            "return or pass only dicts, lists, strings, numbers, booleans and None"
-        ) from exc
+_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY user"
 
 
 def _job(row: Sequence[Any]) -> Job:
-    """Build a ``Job`` from a row of ``_COLUMNS`` (the dataclass's field order)."""
-    values = list(row)
-    values[3], values[4], values[7] = json.loads(row[3]), json.loads(row[4]), JobState(row[7])
-    for i in (12, 13):  # result, error
-        values[i] = None if row[i] is None else json.loads(row[i])
-    return Job(*values)
+    """Build a ``Job`` from a row of ``JOB_COLUMNS``, whose JSON columns are text."""
+    return job_from_row(row, json.loads)
 
 
 def _select(conn: sqlite3.Connection, job_id: str) -> Job | None:
@@ -134,10 +128,6 @@ def _select(conn: sqlite3.Connection, job_id: str) -> Job | None:
 
 def _stop(conn: sqlite3.Connection) -> None:
     """Never called: as an op, ends its thread after everything queued before it."""
-
-
-def _closed() -> StoreError:
-    return StoreError("store is closed")
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -165,7 +155,7 @@ def _deliver(ops: Sequence[_Op], outcomes: Sequence[tuple[bool, Any]]) -> None:
 class SQLiteStore:
     """A ``Store`` in one SQLite file, durable on return, with group commit.
 
-    Each method keeps the contract written on the ``Store`` protocol (``store/__init__.py``).
+    Each method keeps the contract written on the ``Store`` protocol (``store/_types.py``).
 
     Args:
         path: The database file; created by ``open`` if missing (its folder must exist).
@@ -174,15 +164,18 @@ class SQLiteStore:
             for tools that only add or remove keys beside a running server.
     """
 
+    #: One server keeps the queue in its memory; the file only records it.
+    shared = False
+
     def __init__(
         self, path: str | os.PathLike[str], *, batch: int = 512, exclusive: bool = True
     ) -> None:
-        if batch < 1:
-            raise ValueError(f"batch must be at least 1, not {batch}")
+        at_least_one("batch", batch)
         self.path = os.fspath(path)
         self.batch = batch
+        # True: the file lock keeps every other server out (``Store.exclusive``).
         self.exclusive = exclusive
-        self._state = "new"  # new -> open -> closed
+        self._state = Lifecycle.NEW
         self._commits = 0
         self._writes: _Queue = queue.SimpleQueue()
         self._reads: _Queue = queue.SimpleQueue()
@@ -206,9 +199,9 @@ class SQLiteStore:
                 schema is newer than this escala, another server holds it, or it was
                 opened already.
         """
-        if self._state != "new":
-            raise StoreError(f"store {self.path} was already opened")
-        self._state = "open"
+        if self._state is not Lifecycle.NEW:
+            raise already_opened(f"store {self.path}")
+        self._state = Lifecycle.OPEN
         try:
             await self._start("writer", self._writer_connect, self._writes, self._write_loop)
             await self._start("reader", self._reader_connect, self._reads, self._read_loop)
@@ -256,16 +249,20 @@ class SQLiteStore:
                     left.append(ops.get_nowait())
                 except queue.Empty:
                     break
-        _deliver(left, [(True, None) if op[0] is _stop else (False, _closed()) for op in left])
+        # one error per caller: an exception raised in several tasks would share a traceback
+        outcomes = [
+            (True, None) if op[0] is _stop else (False, not_open(Lifecycle.CLOSED)) for op in left
+        ]
+        _deliver(left, outcomes)
 
     async def close(self) -> None:
         """Commit every write queued so far, stop both threads, release the file lock.
 
         Safe to call twice, and after a failed or cancelled ``open``.
         """
-        if self._state == "closed":
+        if self._state is Lifecycle.CLOSED:
             return
-        self._state = "closed"
+        self._state = Lifecycle.CLOSED
         loop = asyncio.get_running_loop()
         try:
             # The reader first: the writer's connection, closed last, then checkpoints
@@ -319,10 +316,7 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")  # all migrations or none
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the job store {self.path} has schema version {version}, newer than "
-                    f"this escala knows ({SCHEMA_VERSION}): upgrade escala to open it"
-                )
+                raise newer_schema(f"the job store {self.path}", version, SCHEMA_VERSION)
             for statements in _MIGRATIONS[version:]:
                 for statement in statements:
                     conn.execute(statement)
@@ -418,15 +412,14 @@ class SQLiteStore:
         return item
 
     def _error(self, exc: Exception) -> Exception:
+        """Translate SQLite's errors at the boundary; an op's own errors pass unchanged."""
         if isinstance(exc, sqlite3.Error):
-            error = StoreError(f"job store {self.path}: {exc}")
-            error.__cause__ = exc
-            return error
+            return database_error(f"job store {self.path}", exc)
         return exc
 
     async def _call(self, ops: _Queue, fn: Callable[..., T]) -> T:
-        if self._state != "open":
-            raise _closed() if self._state == "closed" else StoreError("store is not open yet")
+        if self._state is not Lifecycle.OPEN:
+            raise not_open(self._state)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         ops.put((fn, future, loop))
@@ -444,7 +437,7 @@ class SQLiteStore:
 
     async def submit(self, job: NewJob) -> tuple[Job, bool]:
         """Commit a new QUEUED job, or find the one its idempotency key created."""
-        args, kwargs = _dumps(list(job.args), "args"), _dumps(dict(job.kwargs), "kwargs")
+        args, kwargs = encode_job(job)
         key, now = job.idempotency_key, time.time()
 
         def op(conn: sqlite3.Connection) -> tuple[Job, bool]:
@@ -472,7 +465,9 @@ class SQLiteStore:
 
     async def claim(self, job_ids: Sequence[str], owner: str, lease: float) -> list[Job]:
         """Move those of ``job_ids`` still QUEUED to RUNNING for ``owner``, in one write."""
-        now, ids = time.time(), list(job_ids)
+        now, ids = time.time(), list(dict.fromkeys(job_ids))
+        if not ids:
+            return []
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = (conn.execute(_CLAIM, (now, owner, now + lease, i)).fetchone() for i in ids)
@@ -495,11 +490,8 @@ class SQLiteStore:
         error: Mapping[str, str] | None = None,
     ) -> bool:
         """Record the end of a RUNNING job held by ``owner``."""
-        if state not in (JobState.SUCCEEDED, JobState.FAILED):
-            raise ValueError(f"a job finishes as succeeded or failed, not {state.value}")
         # Checked here, not in the writer: a bad result must not reach a group.
-        out = None if result is None else _dumps(result, f"the result of job {job_id}")
-        err = None if error is None else _dumps(dict(error), "error")
+        out, err = encode_outcome(job_id, state, result, error)
         params = (state.value, time.time(), out, err, job_id, owner)
         return await self._write(lambda conn: conn.execute(_FINISH, params).rowcount == 1)
 
@@ -513,7 +505,7 @@ class SQLiteStore:
                 return None
             if job.state.final:
                 return job
-            return _job(conn.execute(_CANCEL, (now, _CANCELLED, job_id)).fetchone())
+            return _job(conn.execute(_CANCEL, (now, CANCELLED, job_id)).fetchone())
 
         return await self._write(op)
 
@@ -535,22 +527,19 @@ class SQLiteStore:
 
     async def counts(self) -> dict[JobState, int]:
         """Return how many jobs are in each state; every state is a key."""
-        found: dict[str, int] = dict(
-            await self._read(lambda conn: conn.execute(_COUNTS).fetchall())
-        )
-        return {state: found.get(state.value, 0) for state in JobState}
+        return count_states(await self._read(lambda conn: conn.execute(_COUNTS).fetchall()))
 
     # -- keys --------------------------------------------------------------------------
 
     async def add_key(self, key: ApiKey) -> None:
         """Store a key record."""
-        values = (key.user, key.key_hash, key.weight, key.rate, key.burst, key.created_at)
+        values = key_row(key)
 
         def op(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(_ADD_KEY, values)
             except sqlite3.IntegrityError:
-                raise StoreError(f"user {key.user!r} already has a key; remove it first") from None
+                raise key_taken(key.user) from None
 
         await self._write(op)
 
