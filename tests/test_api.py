@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import psutil
 import pytest
 
 import escala
@@ -118,3 +121,22 @@ def test_default_mode_fits_the_function() -> None:
 
     assert escala.map(coro, [1]) == [True]
     assert escala.map(abs, [-1, -2, -3]) == [1, 2, 3]
+
+
+def _siblings(_: object) -> set[int]:
+    """The pids of the processes the parent of this worker has."""
+    return {child.pid for child in psutil.Process(os.getppid()).children()}
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("processes", "processes"), ("threads", "threads")])
+def test_absurd_worker_counts_are_refused_at_the_call(mode: str, kind: str) -> None:
+    with pytest.raises(ValueError, match=rf"workers=1,000,000 would start 1,000,000 {kind}"):
+        escala.map(abs, range(3), mode=mode, workers=10**6)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="at most"):
+        escala.Pool(mode, workers=10**6)  # type: ignore[arg-type]
+
+
+def test_a_run_starts_no_more_processes_than_it_has_items() -> None:
+    before = {child.pid for child in psutil.Process().children()}
+    seen = escala.map(_siblings, range(3), mode="processes", workers=200)
+    assert len(set().union(*seen) - before) <= 3

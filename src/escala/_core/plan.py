@@ -21,6 +21,10 @@ from .scheduler import BatchSizer, Scheduler
 
 #: Default concurrency of async mode when neither ``workers`` nor ``limit`` is given.
 ASYNC_LIMIT = 100
+#: The most worker processes or threads one run or pool may ask for: each process costs
+#: tens of MB and a pid, each thread a stack; past this a typo (``workers=10**6``) would
+#: exhaust the machine before the first task ran.
+MAX_WORKERS = {"processes": 1024, "threads": 10_000}
 
 
 def is_async(fn: Callable[..., Any]) -> bool:
@@ -59,7 +63,26 @@ def plan_for(fn: Callable[..., Any] | None, options: Options) -> Plan:
         workers = 0  # the cluster's worker threads (or CPUs): the backend asks the cluster
     else:
         workers = 1
+    most = MAX_WORKERS.get(runs_on)
+    if most is not None and workers > most:
+        kind = "processes" if runs_on == "processes" else "threads"
+        raise ValueError(
+            f"workers={workers:,} would start {workers:,} {kind}; at most {most:,} are allowed. "
+            "CPU-bound work gains nothing past the usable cores "
+            f"({usable_cpus()} here); for many waiting tasks use mode='async'"
+        )
     return Plan(mode, runs_on, workers)
+
+
+def fitted(plan: Plan, total: int | None) -> Plan:
+    """Return ``plan`` with no more workers than the input has items (when it has a length).
+
+    Workers beyond the item count would start, sit idle and stop: processes cost tens of
+    milliseconds each to start, for nothing.
+    """
+    if total is None or plan.runs_on not in MAX_WORKERS or plan.workers <= max(1, total):
+        return plan
+    return replace(plan, workers=max(1, total))
 
 
 def make_backend(plan: Plan, options: Options, **extra: Any) -> Backend:

@@ -25,7 +25,7 @@ from .._worker.messages import Call, Done
 from ..backends.base import Backend
 from .adaptive import ConcurrencyLimit
 from .drive import Chunk, adrive, drive
-from .plan import Plan, make_backend, make_scheduler, plan_for, total_of
+from .plan import Plan, fitted, make_backend, make_scheduler, plan_for, total_of
 from .progress import progress_for
 from .scheduler import Scheduler
 
@@ -136,6 +136,8 @@ def start_run(
     if plan is None:
         plan = plan_for(fn, options)
     given = backend is not None
+    if not given:
+        plan = fitted(plan, total_of(items))
     if backend is None:
         backend = make_backend(plan, options, **extra)
     try:

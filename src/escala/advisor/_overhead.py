@@ -54,8 +54,8 @@ def overheads(cores: int, *, processes: bool, contended: bool = False) -> dict[s
     """Return the measured cost of handing work to each mode, in seconds.
 
     ``threads-task``: per task on threads (one task per hand-off, as threads mode sends
-    them). ``processes-start``: starting and stopping a pool of ``cores`` workers with one
-    task. ``processes-task``: per task in processes mode once batches are sized. Process
+    them). ``processes-start``: starting and stopping a pool of ``cores`` workers with an
+    empty task each. ``processes-task``: per task in processes mode once batches are sized. Process
     figures are measured only when ``processes`` is true (they start a pool, ~30 ms).
     ``contended``: a task still runs on another thread while measuring.
     """
@@ -64,7 +64,8 @@ def overheads(cores: int, *, processes: bool, contended: bool = False) -> dict[s
             n = 400
             _cache[("threads-task", cores)] = _timed("threads", n, min(cores, 4)) / n
         if processes and ("processes-start", cores) not in _cache:
-            start = min(_timed("processes", 1, cores) for _ in range(2))
+            # one empty task per worker: a run starts no more workers than it has items
+            start = min(_timed("processes", cores, cores) for _ in range(2))
             n = 20_000
             many = _timed("processes", n, cores)
             _cache[("processes-start", cores)] = start
