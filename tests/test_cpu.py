@@ -132,7 +132,9 @@ def test_pools_loaded_before_fork_are_capped_in_workers() -> None:
             return sorted({info["num_threads"] for info in threadpool_info()})
 
         workers = escala.usable_cpus() * 2  # more workers than cores: a share of one each
-        print(escala.map(blas_threads, [0], mode="processes", workers=workers)[0])
+        # as many items as workers: a run starts no more workers than it has items
+        items = range(workers)
+        print(escala.map(blas_threads, items, mode="processes", workers=workers)[0])
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pathlib
+import pickle
 import threading
 import traceback
 
 import pytest
 
 import escala
+from escala import _auto
+from escala._worker.messages import Batch, Call
 
 
 class Boom(Exception):
@@ -178,3 +181,51 @@ def test_unpicklable_exception_in_collect_mode_leaves_the_rest_intact() -> None:
     outcomes = escala.map(sometimes, range(5), mode="processes", errors="collect", batch=5)
     assert [o.ok for o in outcomes] == [True, True, False, True, True]
     assert isinstance(outcomes[2].error, escala.RemoteError)
+
+
+# -- errors write their own message ---------------------------------------------------------
+
+
+def test_a_task_timeout_writes_its_message_and_survives_pickling() -> None:
+    error = escala.TaskTimeout(3, 0.5, stopped=False, how="it goes on", took=0.75)
+    assert str(error) == (
+        "task #3 ran past its 0.5s timeout (it took 0.75s); it goes on. "
+        "Use mode='processes' to stop runaway tasks."
+    )
+    back = pickle.loads(pickle.dumps(error))
+    assert isinstance(back, escala.TaskTimeout) and isinstance(back, TimeoutError)
+    assert (str(back), back.index, back.timeout, back.stopped) == (str(error), 3, 0.5, False)
+    stopped = escala.TaskTimeout(None, 2, stopped=True, how="it was cancelled")
+    assert str(stopped) == "a task ran past its 2s timeout; it was cancelled"
+
+
+def test_auto_words_its_timeout_like_the_modes() -> None:
+    batch = Batch(Call(abs, timeout=0.25), [7], [1])
+    error = _auto._timeout_error(batch, 0, 0.25)
+    assert str(error).startswith("task #7 ran past its 0.25s timeout; mode='auto' was measuring")
+    assert str(error).endswith("Use mode='processes' to stop runaway tasks.")
+    assert (error.index, error.timeout, error.stopped) == (7, 0.25, False)
+
+
+def test_a_dead_worker_says_how_it_ended() -> None:
+    killed = escala.WorkerDied(2, worker="worker process 41", exitcode=-9, pid=41)
+    assert str(killed).startswith("the worker process 41 running task #2 was killed by SIGKILL")
+    assert "out-of-memory" in str(killed)
+    engine = escala.WorkerDied(
+        5, worker="Ray worker", exitcode=None, pid=0, how="died (WorkerCrashedError)"
+    )
+    assert str(engine).startswith("the Ray worker running task #5 died (WorkerCrashedError). ")
+    assert "out-of-memory" in str(engine)
+    back = pickle.loads(pickle.dumps(killed))
+    assert (str(back), back.index, back.exitcode, back.pid) == (str(killed), 2, -9, 41)
+
+
+def test_the_other_errors_write_their_message_once() -> None:
+    unloadable = escala.SendError.unloadable(
+        4, what="result", why="could not be rebuilt", error="E: x", workers="the workers"
+    )
+    assert str(unloadable).startswith("the result of task #4 could not be rebuilt: E: x. ")
+    assert unloadable.index == 4
+    assert str(escala.PoolClosed()) == "this pool is shut down; create a new one"
+    broken = escala.BrokenWorker.initializer("ValueError: no", where="a worker thread")
+    assert str(broken) == "the initializer failed in a worker thread: ValueError: no"

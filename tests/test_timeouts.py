@@ -88,6 +88,22 @@ def test_timeout_raises_by_default(
         escala.map(task, [RUNAWAY], mode=mode, timeout=timeout)
 
 
+def test_every_mode_words_its_timeout_the_same_way(
+    mode: str, runaway: tuple[Callable[[int], Any], float, threading.Event]
+) -> None:
+    """TaskTimeout writes its message: each mode adds only what became of the task."""
+    task, timeout, _ = runaway
+    outcomes = escala.map(task, [0, RUNAWAY], mode=mode, timeout=timeout, errors="collect")
+    error = outcomes[1].error
+    assert isinstance(error, escala.TaskTimeout)
+    message = str(error)
+    assert message.startswith(f"task #1 ran past its {timeout:g}s timeout")
+    assert "; " in message  # then the mode's own phrase
+    advised = message.endswith(". Use mode='processes' to stop runaway tasks.")
+    # the advice goes with a task left running on this machine, never on a cluster
+    assert advised is (not error.stopped and mode not in ("dask", "ray"))
+
+
 def test_threads_say_the_task_could_not_be_stopped() -> None:
     release = threading.Event()
 

@@ -186,12 +186,10 @@ def _overrun(batch: Batch, timeout: float) -> Done:
 
 
 def _timeout_error(batch: Batch, pos: int, timeout: float) -> TaskTimeout:
-    index = batch.indices[pos]
     return TaskTimeout(
-        f"task #{index} ran past its {timeout:g}s timeout while mode='auto' was measuring "
-        "it on a thread; a thread cannot be stopped, so it was left to finish in the "
-        "background. Choose the mode yourself (mode='processes') to stop runaway tasks.",
-        index=index,
-        timeout=timeout,
+        batch.indices[pos],
+        timeout,
         stopped=False,
+        how="mode='auto' was measuring it on a thread, which cannot be stopped, so it was "
+        "left to finish in the background",
     )

@@ -36,7 +36,7 @@ ENGINES: tuple[str, ...] = ("dask", "ray")
 #: chooses among them, and every behaviour test runs under each). The engines are kept
 #: apart: they may be missing, auto never chooses them, and their tests need a cluster.
 MODES: tuple[str, ...] = tuple(m for m in get_args(Mode)[1:] if m not in ENGINES)
-_MAX_BATCH = (1 << 20) - 1  # a worker's slot encodes a task's position in 20 bits
+_MAX_BATCH = (1 << 20) - 1  # _worker.slots.UNTRACKED, a layer above this one; a test pins it
 _PLANNED: dict[str, str] = {}
 #: The schemes of Dask's comms: an address that starts with one names a Dask scheduler.
 DASK_SCHEMES = ("tcp", "tls", "ucx", "inproc", "ws", "wss")

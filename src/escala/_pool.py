@@ -101,7 +101,7 @@ class Pool:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+            raise PoolClosed()
         backend = self._backend_for(fn)
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
         index = next(self._submitted)
@@ -177,7 +177,7 @@ class Pool:
                 f"{sorted(fixed)[0]!r} is fixed when the pool is created; pass it to Pool(...)"
             )
         if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+            raise PoolClosed()
         opts = Options.build(self._options, errors=errors, **kwargs)
         check_arguments(fn, items)
         backend = self._backend_for(fn)

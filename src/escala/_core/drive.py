@@ -190,15 +190,8 @@ async def _afeed(source: AsyncIterator[Any], sched: Scheduler, backend: Backend,
 
 
 async def _release(backend: Backend, *, owned: bool, clean: bool, sink: Any) -> None:
-    from ..backends.asyncio import AsyncBackend
-
     if not owned:
         if not clean:
             backend.cancel(sink)
         return
-    if isinstance(backend, AsyncBackend):
-        backend.shutdown(cancel=not clean)
-        await backend.wait_closed()
-    else:
-        # Joining worker threads or processes blocks: keep it off the event loop.
-        await asyncio.to_thread(backend.shutdown, cancel=not clean)
+    await backend.aclose(cancel=not clean)

@@ -19,11 +19,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from .messages import Apply, Batch, Call, invoke
+from .slots import START, TASK, UNTRACKED
 
-__all__ = ["UNTRACKED", "WorkerContext", "worker_state"]
+__all__ = ["WorkerContext", "worker_state"]
 
-#: Slot position meaning "somewhere in this batch": the worker did not track each task.
-UNTRACKED = (1 << 20) - 1
 _builtin_map = map
 
 _state: contextvars.ContextVar[SimpleNamespace] = contextvars.ContextVar("escala_worker_state")
@@ -106,12 +105,11 @@ class WorkerContext:
         Args:
             batch: the tasks.
             mark: called with each task's position just before it starts.
-            slot: a shared-memory cell array (processes mode). ``slot[0]`` receives
+            slot: the worker process's slot (:mod:`escala._worker.slots`), which receives
                 ``slot_base + position`` before each task, or ``slot_base + UNTRACKED``
-                once for a batch run without per-task tracking; when ``timed``,
-                ``slot[1]`` receives each task's start time. The parent reads it to tell
-                which task a worker is on.
-            slot_base: see ``slot``.
+                once for a batch run without per-task tracking, and, when ``timed``, each
+                task's start time. The parent reads it to tell which task a worker is on.
+            slot_base: the batch's code in the slot, ``slots.base(batch_id)``.
             timed: track every task's start (for timeouts).
 
         Returns:
@@ -128,7 +126,7 @@ class WorkerContext:
             # task raises, so the failing position is len(values) and no task runs twice.
             # Per-task bookkeeping in Python would cost 3-4 times the call of a trivial fn.
             if slot is not None:
-                slot[0] = slot_base + UNTRACKED
+                slot[TASK] = slot_base + UNTRACKED
             while len(values) < len(items):
                 rest = items if not values else itertools.islice(items, len(values), None)
                 try:
@@ -146,8 +144,8 @@ class WorkerContext:
         for pos, item in enumerate(items):
             if slot is not None:
                 if timed:
-                    slot[1] = monotonic()
-                slot[0] = slot_base + pos
+                    slot[START] = monotonic()  # first: see slots.read
+                slot[TASK] = slot_base + pos
             elif mark is not None:
                 mark(pos)
             try:

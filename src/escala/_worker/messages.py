@@ -81,11 +81,6 @@ class Batch:
     items: list[Any]
     id: int = field(default_factory=lambda: next(_batch_ids))
 
-    @property
-    def timeout(self) -> float | None:
-        """Seconds each task may run (the run's, from :attr:`Call.timeout`), or ``None``."""
-        return self.call.timeout
-
 
 @dataclass(slots=True, eq=False)
 class Failure:

@@ -3,22 +3,23 @@
 Kept apart from :mod:`escala.backends.processes` so that a worker imports as little as
 possible: this module, the pickling helpers and the user's function.
 
-A worker talks to its parent over one duplex pipe, in typed messages (:class:`Msg`):
+A worker talks to its parent over one duplex pipe, in the typed messages of
+:mod:`escala._worker.wire`::
 
     parent                                   worker
-      │ ── RUN (batch id, fn, items) ────────▶ │  runs the tasks in order, writing the
+      │ ── Run (batch id, fn, items) ────────▶ │  runs the tasks in order, writing the
       │                                        │  current (batch, position, start time)
-      │ ◀──────────── DONE (values, errors) ── │  into a shared-memory slot before each
-      │ ── STOP ─────────────────────────────▶ │  exits                           task
-      │ ◀─────── READY / INIT_FAILED (once) ── │  after the initializer, at start-up
+      │ ◀──── Ran (values, errors) or ──────── │  into its shared-memory slot before each
+      │       Unloadable (why)                 │  task
+      │ ── Stop ─────────────────────────────▶ │  exits
+      │ ◀──────── Ready / InitFailed (once) ── │  after the initializer, at start-up
 
-The slot lets the parent see which task a worker is on without any message: it times out
-that task, and blames it when the worker dies.
+The slot (:mod:`escala._worker.slots`) lets the parent see which task a worker is on
+without any message: it times out that task, and blames it when the worker dies.
 """
 
 from __future__ import annotations
 
-import enum
 import gc
 import os
 import signal
@@ -29,26 +30,17 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Msg", "WorkerSetup", "worker_main"]
+from .._worker import slots
+from .._worker.context import WorkerContext
+from .._worker.cpu import cap_native_threads
+from .._worker.messages import Batch, Call, Failure
+from .._worker.pickling import dump_exception, dump_values, dumps, loads
+from .._worker.wire import InitFailed, Ran, Ready, Run, Unloadable
 
-# Slot layout: two doubles. SLOT_TASK holds ``batch_id * POS_SPAN + position`` of the task
-# running now; SLOT_START its start time (``time.monotonic``, the same clock system-wide),
-# written first, and only for batches with a timeout. WorkerContext.run_batch writes them.
-SLOT_TASK, SLOT_START = 0, 1
-POS_SPAN = 1 << 20  # batches hold fewer tasks than this (Options caps ``batch``)
+__all__ = ["WorkerSetup", "worker_main"]
 
 #: How often a worker checks its parent by pid, as a backstop to the parent-death pipe.
 ORPHAN_CHECK = 5.0
-
-
-class Msg(enum.IntEnum):
-    """Message kinds on a worker's pipe."""
-
-    READY = 1  # worker -> parent: initialized, waiting for work
-    INIT_FAILED = 2  # worker -> parent: the initializer raised (payload: Failure)
-    RUN = 3  # parent -> worker: (batch id, fn id, fn bytes, apply, forget, timed, indices, items)
-    DONE = 4  # worker -> parent: (batch id, values bytes, failures, busy seconds, load error)
-    STOP = 5  # parent -> worker: exit now
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +76,6 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
             pass
     _watch_parent(setup.parent_pid, setup.parent_alive)
 
-    from .._worker.context import WorkerContext
-    from .._worker.cpu import cap_native_threads
-    from .._worker.pickling import dump_exception, dump_values, dumps, loads
-
     cap_native_threads(setup.native_threads, loaded=setup.cap_loaded)
     where = f"worker process {os.getpid()}"
     ctx = WorkerContext()
@@ -98,47 +86,45 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
         ctx.enter()
         ctx.initialize()
     except Exception as exc:
-        conn.send_bytes(dumps((Msg.INIT_FAILED, dump_exception(exc, where))))
+        conn.send_bytes(dumps(InitFailed(dump_exception(exc, where))))
         return
-    conn.send_bytes(dumps((Msg.READY,)))
-
-    from .._worker.messages import Batch, Call, Failure
+    conn.send_bytes(dumps(Ready()))
 
     functions: dict[int, Callable[..., Any]] = {}
     # Functions that failed to load: the parent counts them as sent, so later batches
     # come without the bytes, and get the same failure again.
     unloadable: dict[int, Failure] = {}
 
-    cells = memoryview(slot).cast("B").cast("d")  # faster to write than the ctypes array
+    cells = slots.view(slot)
 
     while True:
         try:
-            message = loads(conn.recv_bytes())
+            run = loads(conn.recv_bytes())
         except (EOFError, OSError):
             break  # the parent closed the pipe: nothing more to do
-        if message[0] != Msg.RUN:
-            break
-        _, batch_id, fn_id, fn_bytes, apply, forget, timed, indices, items_bytes = message
-        if forget:
+        if type(run) is not Run:
+            break  # Stop
+        if run.forget:
             functions.clear()
             unloadable.clear()
         failure: Failure | None = None
         try:
-            if fn_bytes is not None:
+            if run.fn is not None:
                 try:
-                    functions[fn_id] = loads(fn_bytes)
+                    functions[run.fn_id] = loads(run.fn)
                 except BaseException as exc:
-                    unloadable[fn_id] = dump_exception(exc, where)
-            failure = unloadable.get(fn_id)
-            items = loads(items_bytes)
+                    unloadable[run.fn_id] = dump_exception(exc, where)
+            failure = unloadable.get(run.fn_id)
+            items = loads(run.items)
         except BaseException as exc:  # an argument that cannot be rebuilt here
             failure = failure or dump_exception(exc, where)
         if failure is not None:
-            conn.send_bytes(dumps((Msg.DONE, batch_id, None, None, 0.0, failure)))
+            conn.send_bytes(dumps(Unloadable(failure)))
             continue
-        batch = Batch(Call(functions[fn_id], apply), indices, items, id=batch_id)
+        indices = run.indices
+        batch = Batch(Call(functions[run.fn_id], run.apply), indices, items, id=run.batch_id)
         values, errors, busy = ctx.run_batch(
-            batch, slot=cells, slot_base=float(batch_id * POS_SPAN), timed=timed
+            batch, slot=cells, slot_base=slots.base(run.batch_id), timed=run.timed
         )
         failures = (
             {pos: dump_exception(exc, where) for pos, exc in errors.items()} if errors else None
@@ -146,7 +132,7 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
         values_bytes, bad = dump_values(values, "result", lambda pos: f"task #{indices[pos]}")
         if bad:
             failures = {**(failures or {}), **bad}
-        conn.send_bytes(dumps((Msg.DONE, batch_id, values_bytes, failures, busy, None)))
+        conn.send_bytes(dumps(Ran(values_bytes, failures, busy)))
     ctx.close()
 
 

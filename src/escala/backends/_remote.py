@@ -2,11 +2,11 @@
 
 A cluster backend runs each escala batch (or, with a timeout, each task of it) as one task
 of the engine, which runs escala's own batch runner in a remote worker. What is the same
-whatever the engine lives here: the bookkeeping of a batch's pieces (:class:`Job`,
-:class:`Piece`), the reading of what a remote batch returns, the search for a culprit by
-running a batch again one task at a time, and the worker-side runner
-(:class:`WorkerState`). Connecting, submitting, cancelling and reading the engine's own
-errors stay in each engine's module.
+whatever the engine lives here: the bookkeeping of a batch's pieces (:class:`RemoteBatch`,
+:class:`Piece`), the reading of what a remote batch answers (the replies of
+:mod:`escala._worker.wire`), the search for a culprit by running a batch again one task at
+a time, and the worker-side runner (:class:`WorkerState`). Connecting, submitting,
+cancelling and reading the engine's own errors stay in each engine's module.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .._errors import BrokenWorker, EscalaError, PoolClosed, RemoteTraceback, Se
 from .._worker.context import WorkerContext
 from .._worker.messages import Apply, Batch, Call, Done, Failure, Sink
 from .._worker.pickling import dump_exception, dump_function, dump_values, loads
+from .._worker.wire import InitFailed, Ran, Reply, Unloadable
 
 #: Distinct functions kept in the cluster (and decoded in each worker) before the oldest
 #: are released.
@@ -28,8 +29,12 @@ FUNCTION_CACHE = 256
 
 
 @dataclass(eq=False)
-class Job:
-    """One escala batch and what its engine tasks have reported so far."""
+class RemoteBatch:
+    """One escala batch handed to a cluster, and what its pieces have reported so far.
+
+    Attributes:
+        left: pieces not yet reported; the batch is reported to its sink at zero.
+    """
 
     batch: Batch
     sink: Sink
@@ -45,7 +50,7 @@ class Job:
 class Piece:
     """One engine task: a whole batch, or (with a timeout) one task of it."""
 
-    job: Job
+    whole: RemoteBatch  # the batch this is a piece of
     start: int  # first position in the batch
     count: int
 
@@ -93,14 +98,14 @@ class RemoteBackend:
         """Put a cloudpickled function in the cluster; return what tasks refer to it by."""
         raise NotImplementedError
 
-    def _accept(self, batch: Batch, sink: Sink) -> tuple[Job, Any, bytes] | None:
-        """Check and encode a batch: its job, its function's reference and its items.
+    def _accept(self, batch: Batch, sink: Sink) -> tuple[RemoteBatch, Any, bytes] | None:
+        """Check and encode a batch: its bookkeeping, its function's reference, its items.
 
         Returns ``None`` where the batch was already reported (the pool broke, or an
         argument could not be pickled).
         """
         if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+            raise PoolClosed()
         size = len(batch.items)
         if self._broken is not None:
             fail_all(batch, sink, self._broken)
@@ -111,7 +116,7 @@ class RemoteBackend:
             lost = [pos for pos in range(size) if pos not in bad]
             sink(Done(batch, [None] * size, bad, lost))
             return None
-        return Job(batch, sink, [None] * size), fn_ref, items
+        return RemoteBatch(batch, sink, [None] * size), fn_ref, items
 
     def _ship(self, fn: Callable[..., Any]) -> Any:
         """Return the function's reference in the cluster: cloudpickled and stored once,
@@ -130,7 +135,7 @@ class RemoteBackend:
     def _drop_queued(self, sink: Sink) -> None:
         """Mark a sink's batches unwanted and drop its queued pieces (lock held)."""
         self._cancelled[id(sink)] = sink
-        kept = [p for p in self._queue if p.job.sink is not sink]
+        kept = [p for p in self._queue if p.whole.sink is not sink]
         self._queue.clear()
         self._queue.extend(kept)
 
@@ -153,7 +158,7 @@ class RemoteBackend:
             if self._pieces.pop(self._key(piece), None) is None:
                 return  # timed out, or cancelled by shutdown: reported or unwanted
             self._reporting += 1
-            unwanted = id(piece.job.sink) in self._cancelled
+            unwanted = id(piece.whole.sink) in self._cancelled
         try:
             self._pump()
             self._report(piece, future, unwanted)
@@ -170,67 +175,67 @@ class RemoteBackend:
         error.__cause__ = exc
         self._fill(piece, error)
 
-    def _decode(self, piece: Piece, result: tuple[Any, ...]) -> None:
-        """Report what :meth:`WorkerState.run` returned for a piece."""
-        kind = result[0]
-        if kind == "init":
-            failure: Failure = result[1]
-            broken = BrokenWorker(
-                f"the initializer failed in a {self.engine} worker: "
-                f"{failure.type_name}: {failure.message}"
-            )
-            broken.__cause__ = RemoteTraceback(failure.traceback)
-            self._broken = broken
-            self._fill(piece, broken)
-        elif kind == "load":
-            why = f"could not be loaded in the {self.engine} worker"
-            self._unloadable(piece, result[1], why)
-        else:
-            values_bytes, failures, busy = result[1:4]
-            try:
-                values = loads(values_bytes)
-            except Exception as exc:
-                text = f"{type(exc).__name__}: {exc}"
-                failure = Failure(type_name=type(exc).__name__, message=str(exc), traceback=text)
-                self._unloadable(piece, failure, "could not be rebuilt in the caller", True)
-                return
-            job = piece.job
-            job.values[piece.start : piece.start + piece.count] = values
-            for pos, fail in (failures or {}).items():
-                job.failures[piece.start + pos] = fail
-            job.busy += busy
-            self._finish(piece)
+    def _decode(self, piece: Piece, reply: Reply) -> None:
+        """Report what :meth:`WorkerState.run` answered for a piece."""
+        match reply:
+            case InitFailed(failure):
+                broken = BrokenWorker.initializer(
+                    f"{failure.type_name}: {failure.message}", where=f"a {self.engine} worker"
+                )
+                broken.__cause__ = RemoteTraceback(failure.traceback)
+                self._broken = broken
+                self._fill(piece, broken)
+            case Unloadable(failure):
+                why = f"could not be loaded in the {self.engine} worker"
+                self._unloadable(piece, failure, why)
+            case Ran(values_bytes, failures, busy):
+                try:
+                    values = loads(values_bytes)
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {exc}"
+                    failure = Failure(
+                        type_name=type(exc).__name__, message=str(exc), traceback=text
+                    )
+                    self._unloadable(piece, failure, "could not be rebuilt in the caller", True)
+                    return
+                whole = piece.whole
+                whole.values[piece.start : piece.start + piece.count] = values
+                for pos, fail in (failures or {}).items():
+                    whole.failures[piece.start + pos] = fail
+                whole.busy += busy
+                self._finish(piece)
 
     def _finish(self, piece: Piece) -> None:
-        job = piece.job
+        whole = piece.whole
         with self._lock:
-            job.left -= 1
-            if job.left:
+            whole.left -= 1
+            if whole.left:
                 return
-        if job.split:
+        batch = whole.batch
+        if whole.split:
             # the culprit is looked for alone: report none of the batch as done
-            size = len(job.batch.items)
-            job.sink(Done(job.batch, [None] * size, lost=list(range(size)), split=True))
+            size = len(batch.items)
+            whole.sink(Done(batch, [None] * size, lost=list(range(size)), split=True))
             return
-        busy = 0.0 if job.lost or job.batch.timeout is not None else job.busy
-        job.sink(Done(job.batch, job.values, job.failures or None, sorted(job.lost), busy))
+        busy = 0.0 if whole.lost or batch.call.timeout is not None else whole.busy
+        whole.sink(Done(batch, whole.values, whole.failures or None, sorted(whole.lost), busy))
 
     def _fill(self, piece: Piece, error: BaseException) -> None:
         for pos in range(piece.start, piece.start + piece.count):
-            piece.job.failures[pos] = Failure(error=error)
+            piece.whole.failures[pos] = Failure(error=error)
         self._finish(piece)
 
     def _lose(self, piece: Piece) -> None:
-        piece.job.lost.extend(range(piece.start, piece.start + piece.count))
+        piece.whole.lost.extend(range(piece.start, piece.start + piece.count))
         with self._lock:  # the function's stored copy may be what was lost
-            self._shipped.pop(id(piece.job.batch.call.fn), None)
+            self._shipped.pop(id(piece.whole.batch.call.fn), None)
         self._finish(piece)
 
     def _split(self, piece: Piece) -> bool:
         """Have a batch of several tasks run again one by one, to find which one is at
         fault; return False for a single task, which is blamed itself."""
         if piece.count > 1:
-            piece.job.split = True
+            piece.whole.split = True
             self._finish(piece)
             return True
         return False
@@ -238,13 +243,12 @@ class RemoteBackend:
     def _unloadable(self, piece: Piece, failure: Failure, why: str, result: bool = False) -> None:
         if self._split(piece):
             return
-        index = piece.job.batch.indices[piece.start]
-        what = "result" if result else "argument (or function)"
-        error = SendError(
-            f"the {what} of task #{index} {why}: {failure.type_name}: {failure.message}. "
-            "Everything a task takes and returns must be importable by the same name in the "
-            f"{self.engine} workers and in the caller.",
-            index=index,
+        error = SendError.unloadable(
+            piece.whole.batch.indices[piece.start],
+            what="result" if result else "argument (or function)",
+            why=why,
+            error=f"{failure.type_name}: {failure.message}",
+            workers=f"the {self.engine} workers",
         )
         error.__cause__ = RemoteTraceback(failure.traceback)
         self._fill(piece, error)
@@ -252,7 +256,7 @@ class RemoteBackend:
 
 def names(piece: Piece) -> str:
     """Name a piece's tasks for a message: ``task #3, #4 and 6 more``."""
-    indices = piece.job.batch.indices[piece.start : piece.start + piece.count]
+    indices = piece.whole.batch.indices[piece.start : piece.start + piece.count]
     shown = [f"#{i}" for i in indices[:2]]
     more = len(indices) - len(shown)
     return "task " + ", ".join(shown) + (f" and {more} more" if more else "")
@@ -292,10 +296,9 @@ class WorkerState:
         items_bytes: bytes,
         where: str,
         dump_failure: Callable[[BaseException, str], Failure] = dump_exception,
-    ) -> tuple[Any, ...]:
-        """Run one batch with escala's batch runner; return ``("init", failure)``,
-        ``("load", failure)`` or ``("ok", values_bytes, failures, busy)``, as
-        :meth:`RemoteBackend._decode` reads them. Nothing the task raises escapes.
+    ) -> Reply:
+        """Run one batch with escala's batch runner; answer what
+        :meth:`RemoteBackend._decode` reads. Nothing the task raises escapes.
 
         Args:
             where: the worker, as failures name it.
@@ -313,7 +316,7 @@ class WorkerState:
                 ctx.enter()
                 ctx.initialize()
             except Exception as exc:
-                return ("init", dump_exception(exc, where))
+                return InitFailed(dump_exception(exc, where))
             with self.lock:
                 if self.context_cache is not None:
                     # runs long finished, on a shared cluster
@@ -335,7 +338,7 @@ class WorkerState:
                     self.functions[fn_bytes] = fn
             items = loads(items_bytes)
         except BaseException as exc:
-            return ("load", dump_exception(exc, where))
+            return Unloadable(dump_exception(exc, where))
         batch = Batch(Call(fn, Apply(apply)), indices, items)
         values, errors, busy = ctx.run_batch(batch)
         failures = (
@@ -344,7 +347,7 @@ class WorkerState:
         values_bytes, bad = dump_values(values, "result", lambda pos: f"task #{indices[pos]}")
         if bad:
             failures = {**(failures or {}), **bad}
-        return ("ok", values_bytes, failures, busy)
+        return Ran(values_bytes, failures, busy)
 
     def forget(self, token: str) -> None:
         """Close the worker contexts of a finished run."""

@@ -79,7 +79,7 @@ class AsyncBackend:
 
     def submit(self, batch: Batch, sink: Sink) -> None:
         if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+            raise PoolClosed()
         self._on_loop(self._spawn, batch, sink)
 
     def _spawn(self, batch: Batch, sink: Sink) -> None:
@@ -104,8 +104,7 @@ class AsyncBackend:
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            error = BrokenWorker(f"the initializer failed: {type(exc).__name__}: {exc}")
-            raise error from exc
+            raise BrokenWorker.initializer(f"{type(exc).__name__}: {exc}") from exc
 
     async def _run(self, batch: Batch, sink: Sink) -> None:
         assert self._init is not None and self._sem is not None
@@ -138,21 +137,18 @@ class AsyncBackend:
         sink(Done(batch, values, failures, busy=time.perf_counter() - begin))
 
     async def _call(self, batch: Batch, pos: int, item: Any) -> Any:
-        if batch.timeout is None:
+        timeout = batch.call.timeout
+        if timeout is None:
             return await _invoke(batch.call, item)
-        deadline = asyncio.timeout(batch.timeout)
+        deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
                 return await _invoke(batch.call, item)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the task's own TimeoutError, not ours
-            index = batch.indices[pos]
             raise TaskTimeout(
-                f"task #{index} ran past its {batch.timeout:g}s timeout and was cancelled",
-                index=index,
-                timeout=batch.timeout,
-                stopped=True,
+                batch.indices[pos], timeout, stopped=True, how="it was cancelled"
             ) from None
 
     def cancel(self, sink: Sink) -> None:
@@ -196,9 +192,13 @@ class AsyncBackend:
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def wait_closed(self) -> None:
-        """Wait for the tasks of a caller-loop backend to finish after ``shutdown``."""
-        await self._drain(cancel=False)
+    async def aclose(self, *, cancel: bool) -> None:
+        if self._own_loop:
+            # the private loop's thread is joined, which blocks: off the caller's loop
+            await asyncio.to_thread(self.shutdown, cancel=cancel)
+            return
+        self.shutdown(cancel=cancel)
+        await self._drain(cancel=False)  # on the caller's loop: wait for its tasks here
 
 
 async def _invoke(call: Call, item: Any) -> Any:

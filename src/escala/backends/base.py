@@ -46,6 +46,16 @@ class Backend(Protocol):
                 running thread cannot be stopped and is left to finish on its own.
         """
 
+    async def aclose(self, *, cancel: bool) -> None:
+        """Shut down without blocking the event loop: ``shutdown``, awaited.
+
+        A backend whose shutdown blocks (joining threads or processes) runs it in a thread
+        (``asyncio.to_thread``); the async backend on the caller's loop awaits its tasks.
+
+        Args:
+            cancel: as for :meth:`shutdown`.
+        """
+
 
 class ClusterBackend(Backend, Protocol):
     """An execution model on an engine's cluster (Dask, Ray), which says how big it is."""

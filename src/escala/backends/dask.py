@@ -35,6 +35,7 @@ the culprit.
 
 from __future__ import annotations
 
+import asyncio
 import copyreg
 import io
 import itertools
@@ -49,7 +50,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 import distributed
@@ -58,6 +59,7 @@ from .._errors import EscalaError, TaskTimeout, WorkerDied
 from .._worker.cpu import usable_cpus
 from .._worker.messages import Batch, Failure, Sink
 from .._worker.pickling import dump_exception, dump_function, dumps, loads
+from .._worker.wire import Reply
 from ._remote import Piece, RemoteBackend, WorkerState
 
 __all__ = ["DaskBackend"]
@@ -79,6 +81,14 @@ class _Piece(Piece):
     future: Any = None
     started: float | None = None  # when its start event came (timed pieces)
     worker: str | None = None
+
+
+class _Answer(NamedTuple):
+    """What a Dask task of escala's returns: the runner's reply, and who ran it."""
+
+    reply: Reply
+    address: str  # the Dask worker's address
+    pid: int  # its process id, which messages give
 
 
 class DaskBackend(RemoteBackend):
@@ -200,23 +210,23 @@ class DaskBackend(RemoteBackend):
         accepted = self._accept(batch, sink)
         if accepted is None:
             return
-        job, fn_future, items = accepted
+        whole, fn_future, items = accepted
         size = len(batch.items)
-        if batch.timeout is None:
+        if batch.call.timeout is None:
             pieces = [(0, size, items)]
             topic = None
         else:
             self._watch()
             pieces = [(pos, 1, dumps([item])) for pos, item in enumerate(batch.items)]
             topic = self._topic
-        job.left = len(pieces)
+        whole.left = len(pieces)
         with self._lock:
             for start, count, data in pieces:
                 key = f"escala-{next(_keys)}-{self._token[:8]}"
                 indices = list(batch.indices[start : start + count])
                 args: tuple[Any, ...] = (fn_future, self._init_future, self._token)
                 args += (int(batch.call.apply), indices, data, topic, key)
-                self._queue.append(_Piece(job, start, count, key, args))
+                self._queue.append(_Piece(whole, start, count, key, args))
         self._pump()
 
     def _pump(self) -> None:
@@ -251,7 +261,7 @@ class DaskBackend(RemoteBackend):
     def cancel(self, sink: Sink) -> None:
         with self._lock:
             self._drop_queued(sink)
-            futures = [p.future for p in self._pieces.values() if p.job.sink is sink]
+            futures = [p.future for p in self._pieces.values() if p.whole.sink is sink]
         if futures:
             self._client.cancel([f for f in futures if f is not None])
 
@@ -298,6 +308,10 @@ class DaskBackend(RemoteBackend):
             except Exception:
                 pass
 
+    async def aclose(self, *, cancel: bool) -> None:
+        # waiting for the cluster's tasks and closing the client block: off the loop
+        await asyncio.to_thread(self.shutdown, cancel=cancel)
+
     # -- completions (on Dask's callback thread) ---------------------------------------
 
     def _key(self, piece: _Piece) -> str:
@@ -309,7 +323,7 @@ class DaskBackend(RemoteBackend):
                 self._lose(piece)  # cancelled by the cluster (its data was lost): again
             return
         try:
-            result = future.result()
+            answer: _Answer = future.result()
         except distributed.KilledWorker as exc:
             self._killed(piece, exc)
             return
@@ -320,10 +334,8 @@ class DaskBackend(RemoteBackend):
         except Exception as exc:
             self._failed(piece, exc)
             return
-        if result[0] == "ok":
-            address, pid = result[4:6]
-            self._pids[address] = pid
-        self._decode(piece, result)
+        self._pids[answer.address] = answer.pid
+        self._decode(piece, answer.reply)
 
     def _killed(self, piece: _Piece, exc: BaseException) -> None:
         """Dask gave up on a task whose workers kept dying: blame it, or find the culprit."""
@@ -331,16 +343,14 @@ class DaskBackend(RemoteBackend):
             return
         last = getattr(getattr(exc, "last_worker", None), "address", None) or "?"
         tries = int(getattr(exc, "allowed_failures", 0)) + 1
-        index = piece.job.batch.indices[piece.start]
         pid = self._pids.get(last, 0)
         error = WorkerDied(
-            f"the Dask worker {last} (pid {pid or 'unknown'}) running task #{index} died, "
-            f"and so did every worker Dask tried it on ({tries} in all); Dask does not say "
-            "how a worker ended: its nanny's log does. SIGKILL usually means the kernel's "
-            "out-of-memory killer stopped it; check memory use, or run fewer tasks per worker",
-            index=index,
+            piece.whole.batch.indices[piece.start],
+            worker=f"Dask worker {last} (pid {pid or 'unknown'})",
             exitcode=None,
             pid=pid,
+            how=f"died, and so did every worker Dask tried it on ({tries} in all); Dask does "
+            "not say how a worker ended: its nanny's log does",
         )
         error.__cause__ = exc
         self._fill(piece, error)
@@ -359,7 +369,11 @@ class DaskBackend(RemoteBackend):
             self._watchdog.start()
 
     def _started(self, event: tuple[float, Any]) -> None:
-        """A timed task began on a worker (runs on the client's loop thread)."""
+        """A timed task began on a worker (runs on the client's loop thread).
+
+        The event is a plain ``(key, address, pid)``: Dask sends events with msgpack,
+        which knows no classes of escala's.
+        """
         key, address, pid = event[1]
         with self._lock:
             piece = self._pieces.get(key)
@@ -375,7 +389,7 @@ class DaskBackend(RemoteBackend):
                 wake: float | None = None
                 late: list[_Piece] = []
                 for piece in self._pieces.values():
-                    timeout = piece.job.batch.timeout
+                    timeout = piece.whole.batch.call.timeout
                     if piece.started is None or timeout is None:
                         continue
                     due = piece.started + timeout
@@ -398,9 +412,8 @@ class DaskBackend(RemoteBackend):
 
     def _stop(self, piece: _Piece) -> None:
         """Cancel an overrunning task and kill its worker process, if it can come back."""
-        timeout = piece.job.batch.timeout
+        timeout = piece.whole.batch.call.timeout
         assert timeout is not None
-        index = piece.job.batch.indices[piece.start]
         address = piece.worker or "?"
         if address not in self._nannies:
             try:
@@ -416,19 +429,18 @@ class DaskBackend(RemoteBackend):
         except Exception as exc:
             stoppable = False
             why = f"could not be stopped ({type(exc).__name__}: {exc})"
-        pid = self._pids.get(address, 0)
         if stoppable:
-            message = (
-                f"task #{index} ran past its {timeout:g}s timeout; its Dask worker {address} "
-                f"(pid {pid}) was killed and its nanny starts another"
+            how = (
+                f"its Dask worker {address} (pid {self._pids.get(address, 0)}) was killed and "
+                "its nanny starts another"
             )
         else:
-            message = (
-                f"task #{index} ran past its {timeout:g}s timeout. Its Dask worker {address} "
-                f"{why}, so escala stopped waiting instead: the task goes on in that worker "
-                "until the function returns"
+            how = (
+                f"its Dask worker {address} {why}, so escala stopped waiting instead: the task "
+                "goes on in that worker until the function returns"
             )
-        error = TaskTimeout(message, index=index, timeout=timeout, stopped=stoppable)
+        index = piece.whole.batch.indices[piece.start]
+        error = TaskTimeout(index, timeout, stopped=stoppable, how=how, advise=False)
         self._fill(piece, error)
 
 
@@ -475,16 +487,16 @@ def _run_batch(
     items_bytes: bytes,
     topic: str | None,
     key: str,
-) -> tuple[Any, ...]:
+) -> _Answer:
     """Run one batch in a Dask worker thread; return what :meth:`DaskBackend._report`
-    reads. Nothing the task raises escapes: failures travel back in the result."""
+    reads. Nothing the task raises escapes: failures travel back in the reply."""
     worker = distributed.get_worker()
     address, pid = worker.address, os.getpid()
     where = f"Dask worker {address} (pid {pid})"
     if topic is not None:
         worker.log_event(topic, (key, address, pid))
-    result = _worker.run(fn_bytes, init, token, apply, indices, items_bytes, where, _dump_exception)
-    return (*result, address, pid) if result[0] == "ok" else result
+    reply = _worker.run(fn_bytes, init, token, apply, indices, items_bytes, where, _dump_exception)
+    return _Answer(reply, address, pid)
 
 
 def _dump_exception(exc: BaseException, where: str) -> Failure:

@@ -12,17 +12,20 @@ manager thread in the parent watches them all::
       pickle items (errors          every worker's exit sentinel, and the
       name the item) ──▶ pending    earliest task deadline
       deque ── wake ──▶           dispatch: pending batch ──▶ an idle worker ──pipe──▶ run
-                                  DONE on a pipe ──▶ unpickle ──▶ sink(Done) ◀──pipe── reply
+                                  Ran on a pipe ──▶ unpickle ──▶ sink(Done) ◀──pipe── reply
                                   sentinel fired ──▶ read the slot: blame the task
                                       running, mark the rest lost, start a new worker
                                   deadline passed ──▶ kill the worker's process group
 
-Each worker leads its own process group, so a timeout kills whatever the task started too,
-and Ctrl-C reaches only the parent, which then stops the workers itself.
+The messages on the pipes are those of :mod:`escala._worker.wire`; the slot's layout is
+:mod:`escala._worker.slots`. Each worker leads its own process group, so a timeout kills
+whatever the task started too, and Ctrl-C reaches only the parent, which then stops the
+workers itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -49,11 +52,12 @@ from .._errors import (
     WorkerDied,
     describe_exit,
 )
-from .._worker.context import UNTRACKED
+from .._worker import slots
 from .._worker.cpu import loaded_pools_exceed, usable_cpus
 from .._worker.messages import Batch, Done, Failure, Sink
 from .._worker.pickling import dump_function, dump_values, dumps, loads
-from ._procworker import POS_SPAN, SLOT_START, SLOT_TASK, Msg, WorkerSetup, worker_main
+from .._worker.wire import FromWorker, InitFailed, Ran, Ready, Run, Stop, Unloadable
+from ._procworker import WorkerSetup, worker_main
 
 __all__ = ["ProcessBackend"]
 
@@ -66,7 +70,9 @@ STOP_GRACE = 5.0
 
 
 @dataclass(eq=False)
-class _Job:
+class _Packed:
+    """A batch ready for a worker: its function's number and bytes, its items pickled."""
+
     batch: Batch
     sink: Sink
     fn_id: int
@@ -78,13 +84,13 @@ class _Job:
 class _Worker:
     process: Any  # multiprocessing.process.BaseProcess
     conn: mpc.Connection
-    cells: Any  # memoryview of doubles over the slot
-    slot: Any
+    cells: memoryview[float]  # the slot's doubles (escala._worker.slots)
+    slot: Any  # the shared memory itself, kept alive with the view
     capacity: int = 0  # bytes a message may have to be queued without blocking the manager
     ready: bool = False
-    job: _Job | None = None  # the batch the worker is on
-    queued: _Job | None = None  # the next batch, already in its pipe
-    sent_at: float = 0.0  # when ``job`` became the worker's current batch
+    current: _Packed | None = None  # the batch the worker is on
+    queued: _Packed | None = None  # the next batch, already in its pipe
+    sent_at: float = 0.0  # when ``current`` became the worker's current batch
     functions: set[int] = field(default_factory=set)
     forget: bool = False
     killed_for: tuple[int, float] | None = None  # (position, timeout) when timed out
@@ -147,7 +153,7 @@ class ProcessBackend:
             inherited_fd=self._alive_w.fileno() if method == "fork" else None,
         )
         self._lock = threading.Lock()
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[_Packed] = deque()
         self._procs: list[_Worker] = []
         self._functions: dict[int, tuple[Callable[..., Any], int, bytes]] = {}
         self._next_fn_id = 0
@@ -178,7 +184,7 @@ class ProcessBackend:
 
     def submit(self, batch: Batch, sink: Sink) -> None:
         if self._closing:
-            raise PoolClosed("this pool is shut down; create a new one")
+            raise PoolClosed()
         fn_id, fn_bytes = self._function(batch.call.fn)
         items, bad = dump_values(batch.items, "argument", lambda pos: f"task #{batch.indices[pos]}")
         if bad:
@@ -190,7 +196,7 @@ class ProcessBackend:
             if self._broken is not None:
                 broken = self._broken
             else:
-                self._pending.append(_Job(batch, sink, fn_id, fn_bytes, items))
+                self._pending.append(_Packed(batch, sink, fn_id, fn_bytes, items))
                 broken = None
         if broken is not None:
             _fail_all(batch, sink, broken)
@@ -215,7 +221,7 @@ class ProcessBackend:
 
     def cancel(self, sink: Sink) -> None:
         with self._lock:
-            kept = [job for job in self._pending if job.sink is not sink]
+            kept = [packed for packed in self._pending if packed.sink is not sink]
             self._pending.clear()
             self._pending.extend(kept)
 
@@ -238,6 +244,10 @@ class ProcessBackend:
         if not already:
             _live.discard(self)
 
+    async def aclose(self, *, cancel: bool) -> None:
+        # joining the manager thread, and through it the workers, blocks: off the loop
+        await asyncio.to_thread(self.shutdown, cancel=cancel)
+
     def _wake(self) -> None:
         with self._lock:  # the manager closes the pipe under the lock: never write to a
             if self._wake_w < 0:  # closed descriptor, whose number may be reused
@@ -251,7 +261,7 @@ class ProcessBackend:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        slot = self._ctx.RawArray("d", 2)
+        slot = slots.allocate(self._ctx)
         process = self._ctx.Process(
             target=worker_main,
             args=(child_conn, slot, self._setup),
@@ -260,8 +270,9 @@ class ProcessBackend:
         )
         process.start()
         child_conn.close()
-        cells = memoryview(slot).cast("B").cast("d")
-        return _Worker(process, parent_conn, cells, slot, capacity=_queue_capacity(parent_conn))
+        return _Worker(
+            process, parent_conn, slots.view(slot), slot, capacity=_queue_capacity(parent_conn)
+        )
 
     def _kill(self, proc: _Worker, sig: int = signal.SIGKILL) -> None:
         pid = proc.process.pid
@@ -299,7 +310,7 @@ class ProcessBackend:
         while True:
             self._dispatch()
             with self._lock:
-                busy = bool(self._pending) or any(p.job for p in self._procs)
+                busy = bool(self._pending) or any(p.current for p in self._procs)
                 if self._closing and (self._cancel or not busy or self._broken is not None):
                     return
             deadline = self._next_deadline()
@@ -340,42 +351,43 @@ class ProcessBackend:
             for proc in self._procs:
                 if not proc.ready or proc.killed_for is not None:
                     continue
-                if (proc.queued if prefetch else proc.job) is not None:
+                if (proc.queued if prefetch else proc.current) is not None:
                     continue
-                if prefetch and proc.job is None:
+                if prefetch and proc.current is None:
                     continue
                 with self._lock:
                     if not self._pending:
                         return
-                    job = self._pending[0]
-                    known = job.fn_id in proc.functions
-                    size = len(job.items) + (0 if known else len(job.fn_bytes))
-                    if prefetch and (size > proc.capacity or len(job.batch.items) < 2):
+                    packed = self._pending[0]
+                    known = packed.fn_id in proc.functions
+                    size = len(packed.items) + (0 if known else len(packed.fn_bytes))
+                    if prefetch and (size > proc.capacity or len(packed.batch.items) < 2):
                         return  # the head of the queue is not for queueing: keep order
                     self._pending.popleft()
                     forget, proc.forget = proc.forget, False
-                    proc.functions.add(job.fn_id)
-                self._send(proc, job, known=known, forget=forget, prefetch=prefetch)
+                    proc.functions.add(packed.fn_id)
+                self._send(proc, packed, known=known, forget=forget, prefetch=prefetch)
 
-    def _send(self, proc: _Worker, job: _Job, *, known: bool, forget: bool, prefetch: bool) -> None:
-        batch = job.batch
+    def _send(
+        self, proc: _Worker, packed: _Packed, *, known: bool, forget: bool, prefetch: bool
+    ) -> None:
+        batch = packed.batch
         message = dumps(
-            (
-                Msg.RUN,
-                batch.id,
-                job.fn_id,
-                None if known else job.fn_bytes,
-                batch.call.apply,
-                forget,
-                batch.timeout is not None,
-                batch.indices,
-                job.items,
+            Run(
+                batch_id=batch.id,
+                fn_id=packed.fn_id,
+                fn=None if known else packed.fn_bytes,
+                apply=batch.call.apply,
+                forget=forget,
+                timed=batch.call.timeout is not None,
+                indices=batch.indices,
+                items=packed.items,
             )
         )
         if prefetch:
-            proc.queued = job
+            proc.queued = packed
         else:
-            proc.job, proc.sent_at = job, time.monotonic()
+            proc.current, proc.sent_at = packed, time.monotonic()
         try:
             proc.conn.send_bytes(message)
         except OSError:
@@ -384,98 +396,90 @@ class ProcessBackend:
     def _receive(self, proc: _Worker) -> bool:
         """Handle one message from a worker; return False if the worker is gone."""
         try:
-            message = loads(proc.conn.recv_bytes())
+            message: FromWorker = loads(proc.conn.recv_bytes())
         except (EOFError, OSError):
             return False
-        kind = message[0]
-        if kind == Msg.READY:
-            proc.ready = True
-            self._early_deaths = 0
-        elif kind == Msg.INIT_FAILED:
-            failure: Failure = message[1]
-            error = BrokenWorker(
-                f"the initializer failed in a worker process: {failure.type_name}: "
-                f"{failure.message}"
-            )
-            error.__cause__ = RemoteTraceback(failure.traceback)
-            self._break(error)
-        elif kind == Msg.DONE:
-            self._finished(proc, message)
+        match message:
+            case Ready():
+                proc.ready = True
+                self._early_deaths = 0
+            case InitFailed(failure):
+                error = BrokenWorker.initializer(
+                    f"{failure.type_name}: {failure.message}", where="a worker process"
+                )
+                error.__cause__ = RemoteTraceback(failure.traceback)
+                self._break(error)
+            case Ran() | Unloadable():
+                self._finished(proc, message)
         return True
 
-    def _finished(self, proc: _Worker, message: tuple[Any, ...]) -> None:
-        _, _batch_id, values_bytes, failures, busy, load_error = message
-        job, proc.job, proc.queued = proc.job, proc.queued, None
-        if proc.job is not None:
+    def _finished(self, proc: _Worker, reply: Ran | Unloadable) -> None:
+        packed, proc.current, proc.queued = proc.current, proc.queued, None
+        if proc.current is not None:
             proc.sent_at = time.monotonic()  # the worker moved straight on to it
-        if job is None:  # pragma: no cover - a reply nobody asked for
+        if packed is None:  # pragma: no cover - a reply nobody asked for
             return
-        batch = job.batch
-        if load_error is not None:
-            self._unloadable(job, load_error, "could not be loaded in the worker process")
+        if isinstance(reply, Unloadable):
+            self._unloadable(packed, reply.failure, "could not be loaded in the worker process")
             return
         try:
-            values = loads(values_bytes)
+            values = loads(reply.values)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             failure = Failure(type_name=type(exc).__name__, message=str(exc), traceback=text)
-            self._unloadable(job, failure, "could not be rebuilt in the caller", result=True)
+            self._unloadable(packed, failure, "could not be rebuilt in the caller", result=True)
             return
-        job.sink(Done(batch, values, failures, busy=busy))
+        packed.sink(Done(packed.batch, values, reply.failures, busy=reply.busy))
 
-    def _unloadable(self, job: _Job, failure: Failure, why: str, result: bool = False) -> None:
+    def _unloadable(
+        self, packed: _Packed, failure: Failure, why: str, result: bool = False
+    ) -> None:
         """A batch failed as a whole: find the culprit alone, or blame the single task."""
-        batch = job.batch
+        batch = packed.batch
         if len(batch.items) > 1:
-            job.sink(
+            packed.sink(
                 Done(
                     batch, [None] * len(batch.items), lost=list(range(len(batch.items))), split=True
                 )
             )
             return
-        what = "result" if result else "argument (or function)"
-        error = SendError(
-            f"the {what} of task #{batch.indices[0]} {why}: {failure.type_name}: "
-            f"{failure.message}. Everything a task takes and returns must be importable "
-            "by the same name in the worker and in the caller.",
-            index=batch.indices[0],
+        error = SendError.unloadable(
+            batch.indices[0],
+            what="result" if result else "argument (or function)",
+            why=why,
+            error=f"{failure.type_name}: {failure.message}",
+            workers="the worker process",
         )
         error.__cause__ = RemoteTraceback(failure.traceback)
-        job.sink(Done(batch, [None], {0: Failure(error=error)}))
+        packed.sink(Done(batch, [None], {0: Failure(error=error)}))
 
     def _current(self, proc: _Worker) -> tuple[int | None, float]:
         """Return the position and start time of the task a worker is on, if it started."""
-        cells = proc.cells
-        while True:
-            task, start = cells[SLOT_TASK], cells[SLOT_START]
-            if cells[SLOT_TASK] == task:
-                break
-        batch_id, pos = divmod(int(task), POS_SPAN)
-        if proc.job is None or batch_id != proc.job.batch.id:
+        batch_id, pos, start = slots.read(proc.cells)
+        if proc.current is None or batch_id != proc.current.batch.id:
             return None, proc.sent_at  # it has not started this batch yet
-        if pos == UNTRACKED:
-            return None, start  # somewhere in it: the worker did not track each task
-        return pos, start
+        return pos, start  # pos None: somewhere in it, the worker did not track each task
 
     def _next_deadline(self) -> float | None:
         deadline: float | None = None
         for proc in self._procs:
-            if proc.job is None or proc.job.batch.timeout is None or proc.killed_for:
+            timeout = None if proc.current is None else proc.current.batch.call.timeout
+            if timeout is None or proc.killed_for:
                 continue
             _, start = self._current(proc)
-            due = max(start, proc.sent_at) + proc.job.batch.timeout
+            due = max(start, proc.sent_at) + timeout
             deadline = due if deadline is None else min(deadline, due)
         return deadline
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
         for proc in self._procs:
-            job = proc.job
-            if job is None or job.batch.timeout is None or proc.killed_for:
+            timeout = None if proc.current is None else proc.current.batch.call.timeout
+            if timeout is None or proc.killed_for:
                 continue
             pos, start = self._current(proc)
-            if max(start, proc.sent_at) + job.batch.timeout <= now:
-                proc.killed_for = (pos if pos is not None else 0, job.batch.timeout)
+            if max(start, proc.sent_at) + timeout <= now:
+                proc.killed_for = (pos if pos is not None else 0, timeout)
                 self._kill(proc)
 
     def _died(self, proc: _Worker) -> None:
@@ -484,9 +488,9 @@ class ProcessBackend:
         exitcode = proc.process.exitcode
         self._procs.remove(proc)
         proc.conn.close()
-        job, queued = proc.job, proc.queued
-        if job is not None:
-            self._report_death(proc, job, exitcode)
+        packed, queued = proc.current, proc.queued
+        if packed is not None:
+            self._report_death(proc, packed, exitcode)
         if queued is not None:  # never started: send it again elsewhere
             size = len(queued.batch.items)
             queued.sink(Done(queued.batch, [None] * size, lost=list(range(size))))
@@ -503,37 +507,34 @@ class ProcessBackend:
             self._procs.append(self._spawn())
             self.restarts += 1
 
-    def _report_death(self, proc: _Worker, job: _Job, exitcode: int | None) -> None:
-        batch = job.batch
+    def _report_death(self, proc: _Worker, packed: _Packed, exitcode: int | None) -> None:
+        batch = packed.batch
         size = len(batch.items)
         pos, _ = self._current(proc)
         if proc.killed_for is not None:
             pos, timeout = proc.killed_for
-            index = batch.indices[pos]
             error: BaseException = TaskTimeout(
-                f"task #{index} ran past its {timeout:g}s timeout; its worker process "
-                f"{proc.process.pid} was killed with its process group and replaced",
-                index=index,
-                timeout=timeout,
+                batch.indices[pos],
+                timeout,
                 stopped=True,
+                how=f"its worker process {proc.process.pid} was killed with its process group "
+                "and replaced",
             )
         elif pos is None and size > 1:
             # It died loading the batch or somewhere in an untracked run: run each task
             # alone to find the culprit (which therefore runs twice).
-            job.sink(Done(batch, [None] * size, lost=list(range(size)), split=True))
+            packed.sink(Done(batch, [None] * size, lost=list(range(size)), split=True))
             return
         else:
             pos = pos or 0
-            index = batch.indices[pos]
             error = WorkerDied(
-                f"the worker process {proc.process.pid} running task #{index} "
-                f"{describe_exit(exitcode)}",
-                index=index,
+                batch.indices[pos],
+                worker=f"worker process {proc.process.pid}",
                 exitcode=exitcode,
                 pid=proc.process.pid,
             )
         lost = [p for p in range(size) if p != pos]
-        job.sink(Done(batch, [None] * size, {pos: Failure(error=error)}, lost))
+        packed.sink(Done(batch, [None] * size, {pos: Failure(error=error)}, lost))
 
     def _break(self, error: BaseException) -> None:
         """Fail everything queued and running: the workers cannot work."""
@@ -541,13 +542,13 @@ class ProcessBackend:
             if self._broken is not None:
                 return
             self._broken = error
-            jobs = list(self._pending)
+            stranded = list(self._pending)
             self._pending.clear()
         for proc in self._procs:
-            jobs.extend(job for job in (proc.job, proc.queued) if job is not None)
-            proc.job = proc.queued = None
-        for job in jobs:
-            _fail_all(job.batch, job.sink, error)
+            stranded.extend(packed for packed in (proc.current, proc.queued) if packed is not None)
+            proc.current = proc.queued = None
+        for packed in stranded:
+            _fail_all(packed.batch, packed.sink, error)
 
     def _stop_workers(self) -> None:
         """Stop every worker: politely when idle, by signal when cancelling or stuck."""
@@ -559,7 +560,7 @@ class ProcessBackend:
         else:
             for proc in procs:
                 try:
-                    proc.conn.send_bytes(dumps((Msg.STOP,)))
+                    proc.conn.send_bytes(dumps(Stop()))
                 except OSError:
                     pass
             deadline = time.monotonic() + STOP_GRACE
@@ -569,9 +570,9 @@ class ProcessBackend:
                 self._kill(proc)
                 proc.process.join()
             proc.conn.close()
-            for job in (proc.job, proc.queued):
-                if job is not None and not self._cancel:
-                    _fail_all(job.batch, job.sink, PoolClosed("the pool was shut down"))
+            for packed in (proc.current, proc.queued):
+                if packed is not None and not self._cancel:
+                    _fail_all(packed.batch, packed.sink, PoolClosed("the pool was shut down"))
 
 
 def _queue_capacity(conn: mpc.Connection) -> int:

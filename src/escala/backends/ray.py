@@ -34,6 +34,7 @@ caught inside the worker and comes back with its traceback, as in processes mode
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import threading
@@ -51,6 +52,7 @@ from .._errors import EscalaError, TaskTimeout, WorkerDied
 from .._worker.cpu import usable_cpus
 from .._worker.messages import Batch, Sink
 from .._worker.pickling import dump_function, dumps
+from .._worker.wire import Reply
 from ._remote import Piece, RemoteBackend, WorkerState
 
 __all__ = ["RayBackend"]
@@ -183,7 +185,7 @@ class RayBackend(RemoteBackend):
         to a free CPU, so that its clock counts its run, not a wait in Ray's queue; and
         when ``workers=`` asked for fewer than the cluster's CPUs, a waiting task would
         run on another CPU at once, so then one per slot too."""
-        if piece.job.batch.timeout is not None or self._slots < self._cpus:
+        if piece.whole.batch.call.timeout is not None or self._slots < self._cpus:
             return self._slots  # fewer than all CPUs asked for (workers=): no more at once
         return 2 * self._slots
 
@@ -191,18 +193,18 @@ class RayBackend(RemoteBackend):
         accepted = self._accept(batch, sink)
         if accepted is None:
             return
-        job, fn_ref, items = accepted
+        whole, fn_ref, items = accepted
         size = len(batch.items)
-        if batch.timeout is None:
+        if batch.call.timeout is None:
             pieces = [(0, size, items)]
         else:
             pieces = [(pos, 1, dumps([item])) for pos, item in enumerate(batch.items)]
-        job.left = len(pieces)
+        whole.left = len(pieces)
         with self._lock:
             for start, count, data in pieces:
                 indices = list(batch.indices[start : start + count])
                 args = (fn_ref, self._init_ref, self._token, int(batch.call.apply), indices, data)
-                self._queue.append(_Piece(job, start, count, args))
+                self._queue.append(_Piece(whole, start, count, args))
         self._pump()
 
     def _pump(self) -> None:
@@ -218,7 +220,7 @@ class RayBackend(RemoteBackend):
                 piece.started = time.monotonic()
                 piece.ref = self._remote.remote(*piece.args)
                 piece.args = ()
-            if piece.job.batch.timeout is not None:
+            if piece.whole.batch.call.timeout is not None:
                 self._done.put(())  # a new deadline for the collector
             piece.ref.future().add_done_callback(lambda f, p=piece: self._done.put((p, f)))
 
@@ -260,6 +262,10 @@ class RayBackend(RemoteBackend):
             self._finalizer()  # once: shuts Ray down if this was its last user
             self._local = False
 
+    async def aclose(self, *, cancel: bool) -> None:
+        # waiting for Ray's tasks and shutting Ray down block: off the loop
+        await asyncio.to_thread(self.shutdown, cancel=cancel)
+
     # -- completions and deadlines (on the collector thread) ---------------------------
 
     def _collect(self) -> None:
@@ -281,7 +287,7 @@ class RayBackend(RemoteBackend):
         now = time.monotonic()
         wake: float | None = None
         for piece in self._pieces.values():
-            timeout = piece.job.batch.timeout
+            timeout = piece.whole.batch.call.timeout
             if timeout is None or piece.started is None:
                 continue
             due = piece.started + timeout - now
@@ -291,13 +297,7 @@ class RayBackend(RemoteBackend):
     def _enforce(self) -> None:
         now = time.monotonic()
         with self._lock:
-            late = [
-                p
-                for p in self._pieces.values()
-                if p.job.batch.timeout is not None
-                and p.started is not None
-                and p.started + p.job.batch.timeout <= now
-            ]
+            late = [p for p in self._pieces.values() if _overdue(p, now)]
             for piece in late:
                 del self._pieces[id(piece)]
         for piece in late:
@@ -312,7 +312,7 @@ class RayBackend(RemoteBackend):
         if unwanted:
             return  # it ran to its end, unreported (see cancel)
         try:
-            result = future.result()
+            reply: Reply = future.result()
         except _DIED as exc:
             self._killed(piece, exc)
             return
@@ -322,46 +322,46 @@ class RayBackend(RemoteBackend):
         except Exception as exc:
             self._failed(piece, exc)
             return
-        self._decode(piece, result)
+        self._decode(piece, reply)
 
     def _killed(self, piece: _Piece, exc: BaseException) -> None:
         """The Ray worker running a piece died: blame its task, or find the culprit."""
         if self._split(piece):
             return
-        index = piece.job.batch.indices[piece.start]
         error = WorkerDied(
-            f"the Ray worker running task #{index} died ({type(exc).__name__}); Ray does not "
-            "say how a worker ended: its raylet's log does. SIGKILL usually means the "
-            "kernel's out-of-memory killer stopped it; check memory use, or run fewer tasks "
-            "per node",
-            index=index,
+            piece.whole.batch.indices[piece.start],
+            worker="Ray worker",
             exitcode=None,
             pid=0,
+            how=f"died ({type(exc).__name__}); Ray does not say how a worker ended: its "
+            "raylet's log does",
         )
         error.__cause__ = exc
         self._fill(piece, error)
 
     def _stop(self, piece: _Piece) -> None:
         """Kill the Ray worker process running an overrunning task."""
-        timeout = piece.job.batch.timeout
+        timeout = piece.whole.batch.call.timeout
         assert timeout is not None
-        index = piece.job.batch.indices[piece.start]
         try:
             ray.cancel(piece.ref, force=True, recursive=False)
         except Exception as exc:
-            message = (
-                f"task #{index} ran past its {timeout:g}s timeout and could not be stopped "
-                f"({type(exc).__name__}: {exc}), so escala stopped waiting instead: the task "
-                "goes on in its Ray worker until the function returns"
+            how = (
+                f"it could not be stopped ({type(exc).__name__}: {exc}), so escala stopped "
+                "waiting instead: the task goes on in its Ray worker until the function returns"
             )
             stopped = False
         else:
-            message = (
-                f"task #{index} ran past its {timeout:g}s timeout; its Ray worker was killed "
-                "(ray.cancel(force=True)) and Ray starts another"
-            )
+            how = "its Ray worker was killed (ray.cancel(force=True)) and Ray starts another"
             stopped = True
-        self._fill(piece, TaskTimeout(message, index=index, timeout=timeout, stopped=stopped))
+        index = piece.whole.batch.indices[piece.start]
+        error = TaskTimeout(index, timeout, stopped=stopped, how=how, advise=False)
+        self._fill(piece, error)
+
+
+def _overdue(piece: _Piece, now: float) -> bool:
+    timeout = piece.whole.batch.call.timeout
+    return timeout is not None and piece.started is not None and piece.started + timeout <= now
 
 
 def _acquire(**init: Any) -> bool:
@@ -404,8 +404,8 @@ def _run_batch(
     apply: int,
     indices: list[int],
     items_bytes: bytes,
-) -> tuple[Any, ...]:
+) -> Reply:
     """Run one batch in a Ray worker; return what :meth:`RayBackend._report` reads.
-    Nothing the task raises escapes: failures travel back in the result."""
+    Nothing the task raises escapes: failures travel back in the reply."""
     where = f"Ray worker (pid {os.getpid()})"
     return _worker.run(fn_bytes, init, token, apply, indices, items_bytes, where)

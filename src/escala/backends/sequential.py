@@ -8,6 +8,7 @@ result is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,29 +43,30 @@ class SequentialBackend:
         try:
             self._ctx.initialize()
         except Exception as exc:
-            raise BrokenWorker(f"the initializer failed: {type(exc).__name__}: {exc}") from exc
+            raise BrokenWorker.initializer(f"{type(exc).__name__}: {exc}") from exc
         finally:
             _state.reset(token)
 
     def submit(self, batch: Batch, sink: Sink) -> None:
         if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
+            raise PoolClosed()
+        timeout = batch.call.timeout
         starts: list[float] = []
         token = self._ctx.enter()
         try:
             values, errors, busy = self._ctx.run_batch(
-                batch, (lambda _pos: starts.append(time.monotonic())) if batch.timeout else None
+                batch, (lambda _pos: starts.append(time.monotonic())) if timeout else None
             )
         finally:
             _state.reset(token)
         failures = {pos: Failure(error=exc) for pos, exc in errors.items()} if errors else None
-        if batch.timeout is not None:
+        if timeout is not None:
             starts.append(time.monotonic())
             for pos in range(len(batch.items)):
                 took = starts[pos + 1] - starts[pos]
-                if took > batch.timeout and (failures is None or pos not in failures):
+                if took > timeout and (failures is None or pos not in failures):
                     failures = failures or {}
-                    failures[pos] = Failure(error=_overran(batch, pos, took))
+                    failures[pos] = Failure(error=_overran(batch.indices[pos], timeout, took))
         sink(Done(batch, values, failures, busy=busy))
 
     def cancel(self, sink: Sink) -> None:
@@ -74,15 +76,17 @@ class SequentialBackend:
         self._closed = True
         self._ctx.close()
 
+    async def aclose(self, *, cancel: bool) -> None:
+        # closing the worker's own event loop runs it: not on the caller's loop
+        await asyncio.to_thread(self.shutdown, cancel=cancel)
 
-def _overran(batch: Batch, pos: int, took: float) -> TaskTimeout:
-    index = batch.indices[pos]
-    assert batch.timeout is not None
+
+def _overran(index: int, timeout: float, took: float) -> TaskTimeout:
     return TaskTimeout(
-        f"task #{index} took {took:.3g}s, past its {batch.timeout:g}s timeout. In sequential "
-        "mode the task runs in your own thread and cannot be interrupted, so its result was "
-        "dropped when it returned; use mode='processes' to stop runaway tasks.",
-        index=index,
-        timeout=batch.timeout,
+        index,
+        timeout,
         stopped=False,
+        took=took,
+        how="in sequential mode the task runs in your own thread and cannot be interrupted, "
+        "so its result was dropped when it returned",
     )

@@ -18,6 +18,7 @@ place, and the old thread finishes in the background (Python cannot stop a threa
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -96,8 +97,8 @@ class ThreadBackend:
 
     def submit(self, batch: Batch, sink: Sink) -> None:
         if self._closed:
-            raise PoolClosed("this pool is shut down; create a new one")
-        if batch.timeout is not None and self._watchdog is None:
+            raise PoolClosed()
+        if batch.call.timeout is not None and self._watchdog is None:
             with self._lock:
                 if self._watchdog is None:
                     self._watchdog = threading.Thread(
@@ -166,8 +167,8 @@ class ThreadBackend:
             try:
                 ctx.initialize()
             except Exception as exc:
-                self._broken = BrokenWorker(
-                    f"the initializer failed in a worker thread: {type(exc).__name__}: {exc}"
+                self._broken = BrokenWorker.initializer(
+                    f"{type(exc).__name__}: {exc}", where="a worker thread"
                 )
                 self._broken.__cause__ = exc
             while True:
@@ -207,7 +208,7 @@ class ThreadBackend:
         run = _Running(batch, sink, started=time.monotonic())
         with self._lock:
             worker.running = run
-        timed = batch.timeout is not None
+        timed = batch.call.timeout is not None
         begin = time.perf_counter()
         for pos, item in enumerate(batch.items):
             if timed:
@@ -243,9 +244,9 @@ class ThreadBackend:
                 reports: list[tuple[Sink, Done]] = []
                 for worker in list(self._live):
                     run = worker.running
-                    if run is None or run.batch.timeout is None:
+                    if run is None or run.batch.call.timeout is None:
                         continue
-                    deadline = run.started + run.batch.timeout
+                    deadline = run.started + run.batch.call.timeout
                     if deadline <= now:
                         reports.append(self._abandon(worker))
                     elif wake is None or deadline < wake:
@@ -267,22 +268,20 @@ class ThreadBackend:
         """Give up on a worker's overrunning task and replace the worker (lock held)."""
         run = worker.running
         assert run is not None
-        timeout = run.batch.timeout
+        timeout = run.batch.call.timeout
         assert timeout is not None
         worker.abandoned = True
         self._live.discard(worker)
         batch, pos = run.batch, run.pos
-        index = batch.indices[pos]
         failures = dict(run.failures or {})
         failures[pos] = Failure(
             error=TaskTimeout(
-                f"task #{index} ran past its {timeout:g}s timeout. A thread cannot be "
-                "stopped from outside in Python, so escala stopped waiting for it: it goes on "
-                "in the background until the function returns, and a new thread took its "
-                "place. Use mode='processes' to really stop runaway tasks.",
-                index=index,
-                timeout=timeout,
+                batch.indices[pos],
+                timeout,
                 stopped=False,
+                how="a thread cannot be stopped from outside in Python, so escala stopped "
+                "waiting for it: it goes on in the background until the function returns, "
+                "and a new thread took its place",
             )
         )
         values = run.values + [None] * (len(batch.items) - len(run.values))
@@ -316,3 +315,7 @@ class ThreadBackend:
                 thread.join()
         if self._watchdog is not None:
             self._watchdog.join()
+
+    async def aclose(self, *, cancel: bool) -> None:
+        # joining the worker threads blocks: off the caller's loop
+        await asyncio.to_thread(self.shutdown, cancel=cancel)
