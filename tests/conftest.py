@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 
 import escala
 import pg
+from escala.advisor import _cluster
 
 # Hypothesis: no per-example deadline (a process pool starts in each example), fewer
 # examples on CI, where the whole suite shares two cores.
@@ -155,6 +156,15 @@ def ray_cluster() -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def fresh_figures() -> Iterator[None]:
+    """No cluster figures measured by an earlier test (``mode="auto"`` keeps them a minute
+    per address): this one measures its own."""
+    _cluster.forget()
+    yield
+    _cluster.forget()
 
 
 def _session_mode(request: pytest.FixtureRequest) -> Iterator[str]:

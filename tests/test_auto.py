@@ -306,8 +306,8 @@ def test_a_pool_needs_a_mode_of_its_own() -> None:
 
 # -- a cluster named by address= -----------------------------------------------------------
 # The decision is a pure function of measured figures, so it is tested here with figures of
-# a cluster bigger than this machine; test_dask.py and test_ray.py weigh the real local
-# clusters of the session (as many cores as this machine: what they can promise is less).
+# a cluster bigger than this machine; test_cluster.py weighs the real local clusters of
+# the session (as many cores as this machine: what they can promise is less).
 
 
 def _measurements(
