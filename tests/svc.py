@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import resource
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -69,6 +71,13 @@ APP = textwrap.dedent(
 
 
     @escala.task(kind="io")
+    async def trusting_nap(seconds: str) -> float:
+        """Sleep float(seconds), unchecked: "nan" reaches the event loop's timers."""
+        await asyncio.sleep(float(seconds))
+        return float(seconds)
+
+
+    @escala.task(kind="io")
     async def boom(message: str = "boom") -> None:
         raise ValueError(message)
 
@@ -90,6 +99,23 @@ APP = textwrap.dedent(
     @escala.task(kind="cpu")
     def not_json() -> object:
         return {1, 2}
+
+
+    @escala.task(kind="io")
+    async def exits() -> None:
+        """sys.exit() on the event loop, which asyncio would re-raise out of it."""
+        raise SystemExit(3)
+
+
+    @escala.task(kind="cpu")
+    def exits_in_a_process() -> None:
+        raise SystemExit(4)
+
+
+    @escala.task(kind="cpu")
+    def out_of_items() -> None:
+        """Raise StopIteration, which an asyncio future refuses to carry."""
+        raise StopIteration("out of items")
 
 
     @escala.task(kind="io")
@@ -152,6 +178,7 @@ class Server:
     """``escala serve`` in a subprocess, on a free loopback port; or ``escala worker``.
 
     A server's ``url`` is where it listens; a worker's ``name`` is its owner name on jobs.
+    ``fd_limit`` sets its descriptor limit, soft and hard, so that it cannot raise it.
     """
 
     def __init__(
@@ -161,6 +188,7 @@ class Server:
         app: str = "svcapp",
         db: str = "escala.db",
         command: str = "serve",
+        fd_limit: int | None = None,
     ):
         self.cwd = cwd
         self.log: list[str] = []
@@ -177,6 +205,7 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "NO_COLOR": "1", "PYTHONFAULTHANDLER": "1"},
+            preexec_fn=None if fd_limit is None else _limit_descriptors(fd_limit),
         )
         self.url = self.name = ""
         announced = threading.Event()
@@ -244,8 +273,15 @@ class Server:
         return "".join(self.log)
 
 
+def _limit_descriptors(limit: int) -> Callable[[], None]:
+    def limit_them() -> None:  # runs in the child, between fork and exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return limit_them
+
+
 @contextmanager
-def serving(cwd: pathlib.Path, *args: str, **kwargs: str) -> Iterator[Server]:
+def serving(cwd: pathlib.Path, *args: str, **kwargs: Any) -> Iterator[Server]:
     """Run a server for the block, and stop it (SIGTERM, then kill) after."""
     server = Server(cwd, *args, **kwargs)
     try:

@@ -88,6 +88,53 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--burst", type=int, help="default bucket size per user")
     serve.add_argument("--max-inflight", type=int, default=256, help="HTTP requests at once")
     serve.add_argument(
+        "--max-reads",
+        type=int,
+        default=16,
+        help="reads of job state (GET, DELETE /v1/jobs/ID) at once, beside --max-inflight",
+    )
+    serve.add_argument(
+        "--max-streams",
+        type=int,
+        default=10_000,
+        help="long-polls (/wait) and event streams (/events) open at once (503 beyond)",
+    )
+    serve.add_argument(
+        "--max-streams-per-user",
+        type=int,
+        default=1_000,
+        help="long-polls and event streams one user may have open (429 beyond)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections; beyond, the longest idle one is closed, or a new one gets "
+        "503 (default: what the descriptor limit, raised to its hard limit, leaves after "
+        "the files open at start and a reserve of an eighth)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="time a connection gets to send a whole request head (default: %(default)g)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time a request gets to send its whole body; 408 beyond (default: %(default)g)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="time an idle connection is kept open between requests (default: %(default)s)",
+    )
+    serve.add_argument(
         "--no-admission",
         action="store_true",
         help="turn admission control off (to see what it buys; not for production)",
@@ -180,6 +227,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
             "rate": args.rate,
             "burst": args.burst,
             "max_inflight": args.max_inflight,
+            "max_reads": args.max_reads,
+            "max_streams": args.max_streams,
+            "max_streams_per_user": args.max_streams_per_user,
+            "max_connections": args.max_connections,
+            "header_timeout": args.header_timeout,
+            "body_timeout": args.body_timeout,
+            "keep_alive": args.keep_alive,
             "admission": not args.no_admission,
         }
     try:

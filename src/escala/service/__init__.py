@@ -2,12 +2,16 @@
 
 The map of this package, from the outside in::
 
-    _server   uvicorn, signals, the listening socket
+    _server   uvicorn, signals, the listening socket, the descriptor limit
+    _connections  the connection cap, header and idle timeouts (uvicorn's h11, guarded)
+    _loop     the event loop: no NaN timers, terse "too many open files"
     _worker   `escala worker`: the same Service without HTTP, on a shared store
     _app      the FastAPI app: body limit, admission middleware, error handlers
     _routes   the routers (jobs, run, operations, pages) and auth (HTTP in, JSON out)
     _schemas  the bodies and answers, and the ASCII-only JSON they travel in
     _core     Service: admission, fair queues, dispatch to escala pools, leases, events
+    _executor the pools jobs run on, their slots, and tasks given up on that still run
+    _events   long-polls and event streams: who watches what, capped per user and in all
     _shared   the queue when it lives in a store many nodes share (PostgreSQL)
     _admission  in-flight gate with CoDel timeouts, token buckets, queue-wait deadline
     _fair     weighted deficit round robin across users

@@ -14,11 +14,11 @@ import json
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["AdmissionMiddleware", "Gate", "QueueDeadline", "TokenBuckets"]
+__all__ = ["AdmissionMiddleware", "Gate", "Lane", "QueueDeadline", "TokenBuckets"]
 
 
 def _positive(name: str, value: float) -> None:
@@ -268,6 +268,11 @@ _REFUSED_HEADERS = [
 ]
 
 
+#: Requests of their own: the paths they match, and the gate they go through instead of
+#: the main one (``None``: none, for what is bounded elsewhere).
+Lane = tuple[Callable[[str], bool], Gate | None]
+
+
 class AdmissionMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it buffers and is slow).
 
@@ -275,7 +280,7 @@ class AdmissionMiddleware:
     refuses gets a 503 at once, without calling the app. Other scopes pass through.
     A streaming response (server-sent events, a long poll) holds its slot while it
     streams, so a few hundred watchers would fill the gate: list the prefixes of such
-    paths in ``unlimited`` and bound them separately.
+    paths in ``unlimited``, or give them a lane, and bound them separately.
 
     Args:
         app: the app to protect.
@@ -284,6 +289,9 @@ class AdmissionMiddleware:
             of all when the server is overloaded).
         on_refuse: called on each refusal (metrics).
         unlimited: path prefixes that bypass the in-flight limit (long-lived streams).
+        lanes: requests with a gate of their own, so that a flood of them (clients
+            polling their jobs) cannot take the slots of the rest, nor the rest theirs;
+            the first lane whose test matches the path is taken.
     """
 
     def __init__(
@@ -294,11 +302,13 @@ class AdmissionMiddleware:
         exempt: Collection[str] = ("/healthz", "/metrics"),
         on_refuse: Callable[[], None] | None = None,
         unlimited: Collection[str] = (),
+        lanes: Sequence[Lane] = (),
     ) -> None:
         self.app = app
         self.gate = gate
         self._exempt = frozenset(exempt)
         self._unlimited = tuple(unlimited)
+        self._lanes = tuple(lanes)
         self._on_refuse = on_refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -310,7 +320,15 @@ class AdmissionMiddleware:
         if path in self._exempt or path.startswith(self._unlimited):
             await self.app(scope, receive, send)
             return
-        if not await self.gate.acquire():
+        gate: Gate | None = self.gate
+        for matches, lane in self._lanes:
+            if matches(path):
+                gate = lane
+                break
+        if gate is None:
+            await self.app(scope, receive, send)
+            return
+        if not await gate.acquire():
             if self._on_refuse is not None:
                 self._on_refuse()
             await send({"type": "http.response.start", "status": 503, "headers": _REFUSED_HEADERS})
@@ -319,7 +337,7 @@ class AdmissionMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            self.gate.release()
+            gate.release()
 
 
 class QueueDeadline:

@@ -1,9 +1,11 @@
 """The HTTP face of the service: a FastAPI app, versioned under ``/v1``.
 
 Middleware, outermost first: admission control (an in-flight limit with a CoDel-timed
-wait, 503 before any work) → the body-size limit (413) → FastAPI (auth, 422 for bad
-bodies, the routes). Errors reach clients as ``{"detail": ...}`` and never carry a
-traceback; the server's log has those.
+wait, 503 before any work; reads of a job's state have a limit of their own, and
+long-polls and event streams are bounded by ``Watchers`` instead) → the body limits
+(413 when too large, 408 when too slow) → FastAPI (auth, 422 for bad bodies, the
+routes). ``/healthz`` and ``/metrics`` wait behind no limit. Errors reach clients as
+``{"detail": ...}`` and never carry a traceback; the server's log has those.
 
 The routes live in ``_routes`` as module-level routers, the bodies and answers in
 ``_schemas``; ``create_app`` only assembles them around one service.
@@ -11,6 +13,7 @@ The routes live in ``_routes`` as module-level routers, the bodies and answers i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Coroutine
@@ -46,10 +49,18 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
             ``service.lifespan``), since mounted apps get no lifespan events.
 
     Returns:
-        The app, with the service in ``app.state.service`` and its admission gate in
-        ``app.state.gate``.
+        The app, with the service in ``app.state.service``, its admission gate in
+        ``app.state.gate`` and the gate of job-state reads in ``app.state.reads``.
     """
-    gate = Gate(max_inflight=service.config.max_inflight, max_waiting=service.config.max_waiting)
+    config = service.config
+    gate = Gate(max_inflight=config.max_inflight, max_waiting=config.max_waiting)
+    # Reads wait for a slot up to a second, not CoDel's 5 ms: pollers retry at once, and
+    # a refusal costs the loop as much as an answer, so refusing them fast only turns
+    # 300 polling clients into tens of thousands of 503s a second that fill the loop
+    # (measured: /healthz at 120-240 ms); parked, a waiting request costs nothing.
+    reads = Gate(
+        max_inflight=config.max_reads, max_waiting=config.max_waiting, target=1.0, interval=1.0
+    )
     app = FastAPI(
         title="escala",
         version=__version__,
@@ -58,28 +69,40 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         default_response_class=AsciiJSON,
         responses={503: {"model": Problem, "description": "Overloaded; see Retry-After."}},
         exception_handlers=_ERROR_HANDLERS,
-        middleware=_middleware(service, gate),
+        middleware=_middleware(service, gate, reads),
     )
     app.state.service = service
     app.state.gate = gate
+    app.state.reads = reads
     for router in ROUTERS:
         app.include_router(router)
     return app
 
 
-def _middleware(service: Service, gate: Gate) -> list[Middleware]:
+def _middleware(service: Service, gate: Gate, reads: Gate) -> list[Middleware]:
     """Return the app's middleware, outermost first."""
-    stack = [Middleware(BodyLimit, limit=service.config.max_body)]
-    if service.config.admission:
+    config = service.config
+    stack = [Middleware(BodyLimit, limit=config.max_body, timeout=config.body_timeout)]
+    if config.admission:
         admission = Middleware(
             AdmissionMiddleware,
             gate=gate,
             exempt=("/healthz", "/metrics"),
-            unlimited=("/v1/jobs/",),
+            lanes=[(_is_stream, None), (_is_job, reads)],
             on_refuse=service.metrics.rejected.labels("busy").inc,
         )
         stack.insert(0, admission)
     return stack
+
+
+def _is_stream(path: str) -> bool:
+    # a long-poll or an event stream holds its request for up to an hour: it would hold
+    # a gate's slot as long, so Watchers bounds these (per user and in all) instead
+    return path.startswith("/v1/jobs/") and path.endswith(("/wait", "/events"))
+
+
+def _is_job(path: str) -> bool:
+    return path.startswith("/v1/jobs/")
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -138,15 +161,19 @@ _ERROR_HANDLERS: dict[int | type[Exception], _Handler] = {
 
 
 class BodyLimit:
-    """Answer 413 to a body larger than ``limit`` bytes, before the app reads any of it.
+    """Answer 413 to a body larger than ``limit`` bytes, before the app reads any of it,
+    and 408 to one that takes over ``timeout`` seconds to arrive.
 
     Bodies are at most ``limit`` bytes, so buffering one here costs little and lets a
-    chunked upload that grows too large be refused as cleanly as a declared one.
+    chunked upload that grows too large be refused as cleanly as a declared one. The
+    timeout is for the whole body, not between two reads: a client sending a byte a
+    second would pass any gap limit while it holds an admission slot.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -158,17 +185,24 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._refuse(send)
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    size += len(message.get("body", b""))
+                    if size > self.limit:
+                        await self._refuse(send)
+                        return
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            # the rest of the body may still come: the connection cannot be read on
+            detail = {"detail": f"the request body did not arrive within {self.timeout:g} s"}
+            await _send_json(send, 408, detail, close=True)
+            return
         body = b"".join(chunks)
         sent = False
 
@@ -186,11 +220,13 @@ class BodyLimit:
         await _send_json(send, 413, detail)
 
 
-async def _send_json(send: Send, status: int, body: Any) -> None:
+async def _send_json(send: Send, status: int, body: Any, *, close: bool = False) -> None:
     payload = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
     ]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

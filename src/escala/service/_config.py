@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,7 +46,20 @@ class ServiceConfig:
             An API key may set its own.
         max_inflight, max_waiting: HTTP requests handled at once, and waiting for a slot.
         max_body: largest request body in bytes (413 beyond).
-        max_streams: open long-polls and event streams at once.
+        max_reads: reads of a job's state (``GET`` and ``DELETE /v1/jobs/{id}``) handled
+            at once, a bound of their own beside ``max_inflight``; the rest wait up to a
+            second. Few, since the store answers them a few at a time: more at once only
+            lengthen each turn of the event loop (300 clients polling one job, measured:
+            /healthz p99 18 ms with 4, 76 ms with 16, 230 ms with 64; the same throughput).
+        max_streams, max_streams_per_user: open long-polls and event streams at once, in
+            all (503 beyond) and per user (429 beyond).
+        max_connections: open HTTP connections, beyond which the longest idle one is
+            closed to make room, or, when none is idle, a new one gets 503; ``None``:
+            what the descriptor limit leaves after the files the server holds at start.
+        header_timeout: seconds a connection may take to send a whole request head,
+            counted from when it opens or sends the first byte of its next request.
+        body_timeout: seconds a request may take to send its whole body (408 beyond).
+        keep_alive: seconds an idle connection is kept open between two requests.
         grace: seconds running jobs get to finish on SIGTERM before they go back to the
             queue for the next start.
         max_attempts: a job interrupted this many times (its server stopped or crashed
@@ -74,7 +88,13 @@ class ServiceConfig:
     max_inflight: int = 256
     max_waiting: int = 1024
     max_body: int = 1 << 20
+    max_reads: int = 16
     max_streams: int = 10_000
+    max_streams_per_user: int = 1_000
+    max_connections: int | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive: int = 30
     grace: float = 10.0
     max_attempts: int = 5
     admission: bool = True
@@ -95,17 +115,24 @@ class ServiceConfig:
                 "burst",
                 "cpu_workers",
                 "admission",
+                "max_connections",
             }:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{f.name} must be a positive number, got {value!r}")
+            # NaN passes `<= 0`; a NaN or infinite duration reaching the event loop's
+            # timers breaks their order (asyncio keeps them in a heap)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (0 < value < math.inf)
+            ):
+                raise ConfigError(f"{f.name} must be a positive finite number, got {value!r}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
-        for name in ("cpu_workers", "burst"):
+        for name in ("cpu_workers", "burst", "max_connections"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if self.rate is not None and self.rate <= 0:
+        if self.rate is not None and not 0 < self.rate < math.inf:
             raise ConfigError(f"rate must be positive (jobs per second), got {self.rate!r}")
         if self.store is not None and not is_store_url(self.store):
             raise ConfigError(f"store {not_a_store_url(self.store)}")

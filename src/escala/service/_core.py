@@ -109,10 +109,8 @@ class Service:
         # one job per CPU worker: a job waits in the fair queue, where a deadline or a
         # cancel can still drop it, and is RUNNING only once a worker can run it
         self.executor = Executor(config, self._progress)
-        self._slots = self.executor.slots
-        # recent run time per pool (EWMA), to tell a request that cannot be served in time
-        self._service_time = dict.fromkeys(POOLS, 0.0)
-        self._busy = dict.fromkeys(POOLS, 0)
+        self._slots, self._busy = self.executor.slots, self.executor.busy
+        self._stopping = asyncio.Event()
         self._deadlines = {pool: QueueDeadline(target=config.max_queue_wait) for pool in POOLS}
         self._buckets = TokenBuckets()
         self._wakes = {pool: asyncio.Event() for pool in POOLS}
@@ -121,7 +119,11 @@ class Service:
         self._jobs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.watchers = Watchers(
-            self.get, config.max_streams, poll=POLL if is_shared(store) else None
+            self.get,
+            config.max_streams,
+            poll=POLL if is_shared(store) else None,
+            per_user=config.max_streams_per_user,
+            reads=config.max_reads,
         )
         self._probe = LoopLagProbe(self.metrics)
         self.shared: SharedQueue | None = None
@@ -174,6 +176,7 @@ class Service:
             self.state = Lifecycle.STOPPED
             return
         self.state = Lifecycle.STOPPING
+        self._stopping.set()
         grace = self.config.grace if grace is None else grace
         await stop_loops(self._loops)
         if self._jobs:
@@ -182,7 +185,8 @@ class Service:
             running.cancel()
         # the stored ones go back to the queue; runs that were not stored are just refused
         unfinished = [job_id for job_id in self._running if not job_id.startswith("run-")]
-        kill = bool(self._running)  # a worker still busy after the grace period is killed
+        # a worker still busy after the grace period, or with a task given up on, is killed
+        kill = bool(self._running) or any(self.executor.abandoned.values())
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=5)
         left = sum(len(q) for q in self._queues.values())
@@ -313,16 +317,18 @@ class Service:
             stored, created = await self.store.submit(job)
         else:
             stored, created = known, False
-        if not created and (stored.task, stored.args, stored.kwargs) != (
+        if not created and (stored.task, stored.args, stored.kwargs, stored.priority) != (
             job.task,
             list(job.args),
             dict(job.kwargs),
+            job.priority,
         ):
             # the key is the client's promise that this is the same request, retried
             raise Refused(
                 409,
                 f"idempotency key {job.idempotency_key!r} was already used for job "
-                f"{stored.id} ({stored.task}) with other arguments; use a new key for new work",
+                f"{stored.id} ({stored.task}) with other arguments or priority; use a new key "
+                "for new work",
             )
         if created:
             if self.shared is not None:
@@ -355,9 +361,16 @@ class Service:
                 503, "this server only accepts jobs (--executor none): POST /v1/jobs instead"
             )
         self._admit(user, spec)
-        wait = self._expected_wait(spec.pool)
+        wait = self.executor.expected_wait(spec.pool, len(self._queues[spec.pool]))
         if wait > timeout:
             self.metrics.rejected.labels("deadline").inc()
+            if math.isinf(wait):
+                raise Refused(
+                    503,
+                    f"every {spec.pool} worker is still busy with a task whose client gave "
+                    "up on it (it cannot be stopped mid-task)",
+                    1,
+                )
             raise Refused(
                 503,
                 f"the {spec.pool} workers are busy for about {wait:.1f} s, past this "
@@ -381,11 +394,6 @@ class Service:
                 if (running := self._running.get(ticket.job_id)) is not None:
                     self._cancelled.add(ticket.job_id)
                     running.cancel()
-
-    def _expected_wait(self, pool: str) -> float:
-        """Estimate how long a job entering ``pool``'s queue now waits for a worker."""
-        ahead = len(self._queues[pool]) + max(0, self._busy[pool] - self._slots[pool] + 1)
-        return ahead * self._service_time[pool] / self._slots[pool]
 
     async def get(self, user: str, job_id: str) -> Job | None:
         """Return the user's job; ``None`` for a job that is missing or someone else's."""
@@ -515,9 +523,9 @@ class Service:
                 (job.args, job.kwargs) if job is not None else (ticket.args, ticket.kwargs)
             )
             running = self.executor.call(ticket.job_id, ticket.spec, args, kwargs)
-            self._running[ticket.job_id] = running
+            self._running[ticket.job_id] = running.result
             try:
-                value = await running
+                value = await running.result
             except asyncio.CancelledError:
                 if ticket.job_id not in self._cancelled:
                     # shutting down: stop() puts a stored job back in the queue
@@ -525,6 +533,8 @@ class Service:
                         ticket.reply.set_exception(Refused(503, "the server is shutting down", 5))
                     return
                 outcome = RunResult(JobState.CANCELLED, error=cancelled_error())
+                self._running.pop(ticket.job_id, None)  # settled: only its worker is held
+                await self.executor.until_free(pool, running, self._stopping)
             else:
                 try:
                     # the client gets strict JSON: say so in the job, not in a 500 later
@@ -547,11 +557,7 @@ class Service:
         ran = time.monotonic() - started
         outcome = replace(outcome, duration=ran)
         self.metrics.job_done(pool, outcome.state.value, waited, ran)
-        # an exponential moving average: recent enough to follow a change of load
-        if self._service_time[pool] == 0.0:
-            self._service_time[pool] = ran
-        else:
-            self._service_time[pool] += 0.1 * (ran - self._service_time[pool])
+        self.executor.ran(pool, ran)
         if ticket.reply is not None:
             if not ticket.reply.done():
                 ticket.reply.set_result(outcome)

@@ -74,6 +74,14 @@ class Metrics:
         self.running = Gauge("escala_jobs_running", "Jobs running.", ["pool"], registry=r)
         self.workers = Gauge("escala_workers", "Workers of each pool.", ["pool"], registry=r)
         self.inflight = Gauge("escala_http_inflight", "HTTP requests being handled.", registry=r)
+        self.connections = Gauge("escala_http_connections", "HTTP connections open.", registry=r)
+        self.shed = Counter(
+            "escala_http_connections_shed",
+            "Connections closed or refused to keep the server reachable, by reason: "
+            "evicted (idle, to make room), refused (at the cap), header_timeout.",
+            ["reason"],
+            registry=r,
+        )
         self.started = time.time()
         self.recent_wait: deque[float] = deque(maxlen=window)
         self.recent_run: deque[float] = deque(maxlen=window)
@@ -112,6 +120,7 @@ class Metrics:
                 **{state: finished.get(state, 0) for state in ("succeeded", "failed", "cancelled")},
             },
             "rejected": self.totals(self.rejected, "reason"),
+            "connections_shed": self.totals(self.shed, "reason"),
             "throughput_per_s": self.throughput(),
             "latency_ms": {
                 "queue": percentiles(self.recent_wait),

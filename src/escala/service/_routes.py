@@ -15,7 +15,7 @@ any number of apps, each with its own service.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive, Scope, Send
 
 from ..store import Job, JobState, NewJob
 from ._config import is_loopback
@@ -176,9 +177,13 @@ async def wait_job(
 ) -> JobOut:
     """Wait until the job ends or ``timeout`` passes, then show it (long-poll)."""
     last = None
-    async for change in service.watch(user, job_id, timeout):
-        if isinstance(change, Job):
-            last = change
+    release = service.watchers.claim(user)
+    try:
+        async for change in service.watchers.follow(user, job_id, timeout):
+            if isinstance(change, Job):
+                last = change
+    finally:
+        release()
     if last is None:
         raise HTTPException(404, "no such job")
     return job_out(last)
@@ -202,11 +207,12 @@ async def job_events(
 ) -> StreamingResponse:
     """Stream the job as server-sent events until it ends: an event named after each
     state it enters (data: the job), and ``progress`` events its task reports."""
-    if await service.get(user, job_id) is None:
+    if await service.watchers.read(user, job_id) is None:
         raise HTTPException(404, "no such job")
-    return StreamingResponse(
-        _sse(service.watch(user, job_id, timeout)), media_type="text/event-stream"
-    )
+    # the place is taken before the answer starts, so that a refusal is a 429 or 503
+    # rather than a stream cut short; the response gives it back however it ends
+    release = service.watchers.claim(user)
+    return _Stream(_sse(service.watchers.follow(user, job_id, timeout)), release)
 
 
 @jobs.delete(
@@ -225,6 +231,25 @@ async def cancel_job(job_id: JobId, user: User, service: ServiceDep) -> JobOut:
             409, f"the job has already ended: {ended.get(job.state.value, 'it was cancelled')}"
         )
     return job_out(job)
+
+
+class _Stream(StreamingResponse):
+    """A stream that gives its watcher's place back when it ends, however it ends.
+
+    The generator's own ``finally`` would not do: a client that goes away before the
+    first chunk leaves the generator unstarted, and an unstarted generator runs no
+    ``finally``.
+    """
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 async def _sse(changes: AsyncIterator[Job | JobProgress]) -> AsyncIterator[str]:

@@ -1,4 +1,9 @@
-"""Run the service under uvicorn: one event loop, one process pool, signals handled."""
+"""Run the service under uvicorn: one event loop, one process pool, signals handled.
+
+The connections are guarded (``_connections``): a cap below the descriptor limit,
+raised to the hard limit at start, and deadlines for silent and slow clients. The loop
+refuses NaN timers and logs running out of descriptors tersely (``_loop``).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,17 @@ from typing import Any
 import uvicorn
 
 from ._app import create_app
-from ._config import ServiceConfig
+from ._config import ConfigError, ServiceConfig
+from ._connections import (
+    ConnectionGuard,
+    Descriptors,
+    accept_batch,
+    connection_cap,
+    descriptors,
+    guarded_protocol,
+)
 from ._core import Service
+from ._loop import quiet_accept_errors, run
 from ._types import console
 
 __all__ = ["serve"]
@@ -36,12 +50,17 @@ def serve(
     between them, and each would fight the pool for cores.
     """
     announce = announce or console("serve")
-    asyncio.run(_serve(config, tasks, announce))
+    raised = descriptors()  # before the pools start, so that their processes inherit it
+    run(_serve(config, tasks, announce, raised.was))
 
 
 async def _serve(
-    config: ServiceConfig, tasks: dict[str, Callable[..., Any]], announce: Callable[[str], None]
+    config: ServiceConfig,
+    tasks: dict[str, Callable[..., Any]],
+    announce: Callable[[str], None],
+    was: int,
 ) -> None:
+    asyncio.get_running_loop().set_exception_handler(quiet_accept_errors())
     service = Service(config, tasks)
     # bind first, so that port 0 gives a free port, the real one can be announced, and a
     # port in use fails before anything else starts
@@ -62,16 +81,28 @@ async def _serve(
                 await service.stop()
 
         app.router.lifespan_context = stop_on_shutdown
-        server = uvicorn.Server(
+        # counted once the store and the pools hold theirs: what is left is for clients
+        fds = descriptors(raise_limit=False)
+        try:
+            cap, warning = connection_cap(fds, config.max_connections)
+        except ValueError as exc:
+            raise ConfigError(f"max_connections cannot be met: {exc}") from None
+        guard = ConnectionGuard(
+            cap, config.header_timeout, on_shed=lambda why: service.metrics.shed.labels(why).inc()
+        )
+        service.metrics.connections.set_function(lambda: len(guard))
+        server = _Server(
             uvicorn.Config(
                 app,
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=max(1, min(round(config.grace), 3)),
                 lifespan="on",
+                http=guarded_protocol(guard),
                 # uvicorn's default of 5 s closes idle pooled connections under clients
                 # that reuse them a moment later (a POST can race the close)
-                timeout_keep_alive=30,
+                timeout_keep_alive=config.keep_alive,
+                backlog=accept_batch(fds.limit),
             )
         )
         host, port = sock.getsockname()[:2]
@@ -90,11 +121,47 @@ async def _serve(
         else:
             runs = f"CPU tasks on Ray ({slots['cpu']} CPU{'s' * (slots['cpu'] != 1)})"
         announce(f"escala serve: {len(service.tasks)} tasks, {runs}, jobs in {where}")
+        if warning is not None:
+            announce(f"WARNING: {warning}")
+        announce(_limits(config, fds, was, cap))
         announce(f"listening on {url}  (dashboard {url}/, API docs {url}/docs)")
-        await server.serve(sockets=[sock])
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            guard.close()
     finally:
         await service.stop()
         sock.close()
+
+
+def _limits(config: ServiceConfig, fds: Descriptors, was: int, cap: int) -> str:
+    """The start-up line of the connection limits, with the figures they come from."""
+    limit = f"descriptor limit {fds.limit}" if fds.limit else "no descriptor limit known"
+    if fds.limit and was != fds.limit:
+        limit += f", raised from {was}"
+    return (
+        f"connections: {cap} open at most ({limit}, {fds.in_use} in use); request heads "
+        f"within {config.header_timeout:g} s, bodies within {config.body_timeout:g} s, "
+        f"idle ones closed after {config.keep_alive:g} s"
+    )
+
+
+#: the kernel's queue of connections not yet accepted: long, so that a burst waits there
+#: rather than being turned away, while asyncio accepts only ``accept_batch`` per turn
+_LISTEN_QUEUE = 2048
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with a long listening queue but short accept batches.
+
+    asyncio takes both from one number (uvicorn's ``backlog``): given the short batch,
+    ``startup`` lengthens the queue again.
+    """
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for sock in sockets or ():
+            sock.listen(_LISTEN_QUEUE)
 
 
 def _listen(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
@@ -109,7 +176,7 @@ def _listen(host: str, port: int, family: socket.AddressFamily) -> socket.socket
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(2048)
+        sock.listen(_LISTEN_QUEUE)
     except BaseException:
         sock.close()
         raise

@@ -16,6 +16,7 @@ from typing import Any
 from ..store import JobState
 
 __all__ = [
+    "Carried",
     "JobProgress",
     "Lifecycle",
     "Refused",
@@ -42,6 +43,19 @@ class Refused(Exception):
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+
+
+class Carried(Exception):
+    """What a task raised that an asyncio future cannot carry as it is.
+
+    A future refuses ``StopIteration``, and ``SystemExit`` or ``KeyboardInterrupt``
+    raised on the event loop would end it: the service carries them inside this, and
+    ``error_of`` describes the exception carried.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc) or type(exc).__name__)
+        self.exc = exc
 
 
 class TooManyAttempts(Exception):
@@ -122,6 +136,8 @@ def yield_to_the_loop() -> None:
 
 def error_of(exc: BaseException, what: str = "") -> dict[str, str]:
     """Describe a failure for the client: the type and message, never a traceback."""
+    if isinstance(exc, Carried):
+        exc = exc.exc
     message = str(exc) or type(exc).__name__
     if what:
         message = f"{what}: {message}"

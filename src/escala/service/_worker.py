@@ -18,6 +18,7 @@ from typing import Any
 from .._worker.cpu import usable_cpus
 from ._config import ConfigError, ServiceConfig
 from ._core import Service
+from ._loop import run
 from ._types import console
 
 __all__ = ["work"]
@@ -52,7 +53,7 @@ def work(
         # 10, as in serve, so that the event loop and its heartbeats still get their turn)
         config = dataclasses.replace(config, cpu_workers=usable_cpus())
     announce = announce or console("worker")
-    asyncio.run(_work(config, tasks, announce))
+    run(_work(config, tasks, announce))
 
 
 async def _work(
