@@ -73,7 +73,9 @@ def add_commands(commands: Any) -> None:
         default="10000",
         help="requests in flight at once (open model; default 10000); more are dropped",
     )
-    generator.add_argument("--timeout", metavar="S", default="10s", help="per request (default 10s)")
+    generator.add_argument(
+        "--timeout", metavar="S", default="10s", help="per request (default 10s)"
+    )
     generator.add_argument(
         "--allow-remote", action="store_true", help="allow a target on another machine"
     )
