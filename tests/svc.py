@@ -119,6 +119,28 @@ APP = textwrap.dedent(
 
 
     @escala.task(kind="io")
+    def interrupts_a_thread() -> None:
+        """KeyboardInterrupt raised by a job on a thread (it once lost the thread)."""
+        raise KeyboardInterrupt("raised by the job")
+
+
+    @escala.task(kind="cpu")
+    def interrupts_a_process() -> None:
+        raise KeyboardInterrupt("raised by the job")
+
+
+    @escala.task(kind="io")
+    async def closes_itself() -> None:
+        raise GeneratorExit()
+
+
+    @escala.task(kind="io")
+    async def cancels_itself() -> None:
+        """A CancelledError with nobody cancelling: the job's failure, not a cancel."""
+        raise asyncio.CancelledError()
+
+
+    @escala.task(kind="io")
     def take_the_server_down() -> None:
         """A poison job: runs on a thread of the server, and ends the server."""
         os._exit(3)

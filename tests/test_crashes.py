@@ -6,11 +6,18 @@ than raise. Every one must end in a clear error for that task, the rest of the r
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import ctypes
 import faulthandler
+import functools
+import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from typing import Any
 
@@ -250,3 +257,301 @@ def test_a_function_that_cannot_be_loaded_fails_every_batch_clearly() -> None:
     )
     assert all(isinstance(o.error, escala.SendError) for o in outcomes)
     assert all("could not be loaded" in str(o.error) for o in outcomes)
+
+
+# -- what a task may raise: BaseException, StopIteration, in every mode ----------------
+
+
+class NeedsTwo(Exception):
+    """An exception that plain pickle cannot rebuild (its __init__ wants two arguments)."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a} and {b}")
+
+
+def _misbehave(how: str, x: int) -> Any:
+    if x != 1:
+        return x
+    if how == "KeyboardInterrupt":
+        raise KeyboardInterrupt("raised by the task")
+    if how == "GeneratorExit":
+        raise GeneratorExit()
+    if how == "SystemExit(3)":
+        raise SystemExit(3)
+    if how == "sys.exit(4)":
+        sys.exit(4)
+    if how == "StopIteration":
+        return next(iter([]))  # the everyday one: next() on an empty iterator
+    if how == "CancelledError":
+        raise asyncio.CancelledError()
+    if how == "NeedsTwo":
+        raise NeedsTwo(1, 2)
+    if how == "unpicklable result":
+        return threading.Lock()
+    raise AssertionError(how)
+
+
+def misbehave(how: str) -> Any:
+    """Item 1 misbehaves as ``how`` says; the others return themselves."""
+    return functools.partial(_misbehave, how)
+
+
+async def _amisbehave(how: str, x: int) -> Any:
+    await asyncio.sleep(0)
+    return _misbehave(how, x)
+
+
+def task_for(mode: str, how: str) -> Any:
+    """The misbehaving task as ``mode`` runs it (async mode runs coroutine functions)."""
+    if mode == "async":
+        return functools.partial(_amisbehave, how)
+    return misbehave(how)
+
+
+RAISES = {
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "GeneratorExit": GeneratorExit,
+    "SystemExit(3)": SystemExit,
+    "sys.exit(4)": SystemExit,
+    "StopIteration": StopIteration,
+    "CancelledError": asyncio.CancelledError,
+    "NeedsTwo": NeedsTwo,
+}
+CROSSES = {"processes", "dask", "ray"}  # the exception is pickled back to the caller
+
+
+def _expected(mode: str, how: str) -> tuple[type[BaseException], ...]:
+    if how == "StopIteration" and mode == "async":
+        # an async def cannot let StopIteration out: Python turns it into this (PEP 479)
+        return (RuntimeError,)
+    if how == "NeedsTwo" and mode in CROSSES:
+        return (NeedsTwo, escala.RemoteError)  # rebuilt by cloudpickle, or described
+    return (RAISES[how],)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", list(RAISES))
+def test_what_a_task_raises_is_its_outcome(mode: str, how: str) -> None:
+    outcomes = escala.map(task_for(mode, how), range(4), mode=mode, workers=2, errors="collect")
+    assert [o.ok for o in outcomes] == [True, False, True, True]
+    assert [o.value for o in outcomes if o.ok] == [0, 2, 3]
+    error = outcomes[1].error
+    assert isinstance(error, _expected(mode, how)), repr(error)
+    if how == "SystemExit(3)":
+        assert isinstance(error, SystemExit) and error.code == 3
+    if how == "sys.exit(4)":
+        assert isinstance(error, SystemExit) and error.code == 4
+    if how == "StopIteration" and mode == "async":
+        assert isinstance(error.__cause__, StopIteration)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", list(RAISES))
+def test_what_a_task_raises_reaches_the_caller_with_its_index(mode: str, how: str) -> None:
+    with pytest.raises(_expected(mode, how)) as info:
+        escala.map(task_for(mode, how), range(4), mode=mode, workers=2)
+    notes = getattr(info.value, "__notes__", [])
+    assert any("task #1" in note for note in notes) or "task #1" in str(info.value), notes
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_cannot_be_pickled(mode: str) -> None:
+    outcomes = escala.map(
+        task_for(mode, "unpicklable result"), range(4), mode=mode, workers=2, errors="collect"
+    )
+    if mode in CROSSES:
+        assert [o.ok for o in outcomes] == [True, False, True, True]
+        assert isinstance(outcomes[1].error, escala.SendError)
+        assert "task #1" in str(outcomes[1].error)
+    else:  # nothing crosses a process boundary: the lock is the result
+        assert all(o.ok for o in outcomes)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "GeneratorExit", "StopIteration"])
+def test_a_task_failure_in_a_batch_spares_the_rest_of_it(how: str) -> None:
+    """The batch fast path (one call, no timeout): each failure is one task's, none runs
+    twice, and the batch goes on after it (a StopIteration once ended it and ran it again)."""
+    calls = collections.Counter[int]()
+
+    def counted(x: int) -> Any:
+        calls[x] += 1
+        return _misbehave(how, x % 4)
+
+    outcomes = escala.map(counted, range(40), mode="sequential", batch=20, errors="collect")
+    assert [o.ok for o in outcomes] == [x % 4 != 1 for x in range(40)]
+    assert all(isinstance(o.error, RAISES[how]) for o in outcomes if not o.ok)
+    assert calls == collections.Counter(range(40))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "SystemExit(3)"])
+def test_base_exceptions_are_not_retried_by_default(mode: str, how: str) -> None:
+    outcomes = escala.map(
+        task_for(mode, how), range(4), mode=mode, workers=2, retries=2, errors="collect"
+    )
+    assert outcomes[1].attempts == 1
+    assert isinstance(outcomes[1].error, RAISES[how])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "GeneratorExit", "SystemExit(3)"])
+def test_a_pool_future_carries_what_the_task_raised(mode: str, how: str) -> None:
+    with escala.Pool(mode, workers=2) as pool:
+        future = pool.submit(task_for(mode, how), 1)
+        assert isinstance(future.exception(timeout=30), RAISES[how])
+        assert pool.submit(task_for(mode, how), 2).result(timeout=30) == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "SystemExit(3)", "GeneratorExit"])
+def test_an_initializer_that_raises_a_base_exception_breaks_the_run_clearly(
+    mode: str, how: str
+) -> None:
+    if mode == "sequential" and how == "KeyboardInterrupt":
+        pytest.skip("on the caller's own thread a KeyboardInterrupt may be a Ctrl-C: it stops")
+    with pytest.raises((escala.BrokenWorker, RAISES[how])):
+        escala.map(abs, range(4), mode=mode, workers=2, initializer=_misbehave, initargs=(how, 1))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["imap", "amap", "aimap"])
+def test_an_iterator_of_results_says_what_a_stop_iteration_was(api: str, mode: str) -> None:
+    """``for r in escala.imap(...)`` cannot be handed a StopIteration: it would end the loop
+    as if all results were in. It comes as the cause of an error that says so."""
+    fn = misbehave("StopIteration")  # a plain function: amap runs it on threads, or as mode says
+
+    async def consume() -> list[Any]:
+        if api == "amap":
+            return await escala.amap(fn, range(4), mode=mode, workers=2)
+        return [r async for r in escala.aimap(fn, range(4), mode=mode, workers=2)]
+
+    def run() -> list[Any]:
+        if api == "imap":
+            return list(escala.imap(fn, range(4), mode=mode, workers=2))
+        return asyncio.run(consume())
+
+    with pytest.raises(RuntimeError, match="task #1 raised StopIteration") as info:
+        run()
+    assert isinstance(info.value.__cause__, StopIteration)
+
+
+# -- tasks that change the process around them ---------------------------------------
+#
+# Each case runs in a fresh interpreter (a task that forks, or closes fd 1, must not do it
+# to the test process): the script maps a hostile task over range(4) and reports on
+# stderr. A forked child that ran on into the script would report a second time.
+
+HOSTILE = textwrap.dedent(
+    r"""
+    import asyncio, faulthandler, json, os, signal, sys, threading
+    import psutil
+    import escala
+
+    CASE, MODE = sys.argv[1], sys.argv[2]
+    ME = os.getpid()
+    forked = []
+
+    class Haunted:
+        def __init__(self, x):
+            self.x = x
+        def __del__(self):
+            raise ValueError("raised from __del__")
+        def __reduce__(self):
+            return (Haunted, (self.x,))
+
+    def hostile(x):
+        if x == 1:
+            if CASE == "fork":
+                pid = os.fork()
+                if pid:
+                    forked.append(pid)
+            elif CASE == "close-stdout":
+                os.close(1)
+            elif CASE == "signal":
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # ValueError off the main thread
+            elif CASE == "excepthook":
+                def hook(args):
+                    raise RuntimeError("a broken excepthook")
+                threading.excepthook = hook
+                raise ValueError("and then the task fails")
+            elif CASE == "settrace":
+                sys.settrace(lambda *args: None)
+            elif CASE == "faulthandler":
+                faulthandler.enable()
+                faulthandler.dump_traceback(all_threads=True)
+            elif CASE == "non-daemon-thread":
+                threading.Thread(target=threading.Event().wait, args=(30,), daemon=False).start()
+            elif CASE == "del-raises":
+                return Haunted(x)
+        return x
+
+    async def ahostile(x):
+        return hostile(x)
+
+    fn = ahostile if MODE == "async" else hostile
+    outcomes = escala.map(fn, range(4), mode=MODE, workers=2, errors="collect")
+    report = {
+        "pid": os.getpid(),
+        "ok": [o.ok for o in outcomes],
+        "errors": [type(o.error).__name__ for o in outcomes if not o.ok],
+        "values": [getattr(o.value, "x", o.value) for o in outcomes if o.ok],
+        "children": [
+            p.pid for p in psutil.Process().children(recursive=True)
+            if p.pid not in forked and "multiprocessing" not in " ".join(p.cmdline())
+        ],
+    }
+    for pid in forked:  # the child the task forked is ours to reap
+        report["child_exit"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    sys.stderr.write("REPORT " + json.dumps(report) + "\n")
+    sys.stderr.flush()
+    os._exit(0)  # a non-daemon thread the task left would hold a normal exit for 30 s
+    """
+)
+
+HOSTILE_CASES = [
+    "fork",
+    "close-stdout",
+    "signal",
+    "excepthook",
+    "settrace",
+    "faulthandler",
+    "non-daemon-thread",
+    "del-raises",
+]
+
+
+def _run_hostile(case: str, mode: str) -> list[dict[str, Any]]:
+    child = subprocess.run(
+        [sys.executable, "-c", HOSTILE, case, mode],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    return [
+        json.loads(line.removeprefix("REPORT "))
+        for line in child.stderr.splitlines()
+        if line.startswith("REPORT ")
+    ]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", HOSTILE_CASES)
+@pytest.mark.parametrize("mode", list(escala.MODES))
+def test_a_task_that_changes_its_process_does_not_break_the_run(mode: str, case: str) -> None:
+    reports = _run_hostile(case, mode)
+    assert len(reports) == 1, f"the script reported {len(reports)} times: {reports}"
+    report = reports[0]
+    assert report["children"] == [], "worker processes outlived the run"
+    if case == "excepthook" or (case == "signal" and mode == "threads"):
+        # the task failed (signal.signal off the main thread raises ValueError); the rest
+        # ran (map runs async tasks on the caller's loop, here the main thread)
+        assert report["ok"] == [True, False, True, True]
+        assert report["errors"] == ["ValueError"]
+    else:
+        assert report["ok"] == [True] * 4
+        assert report["values"] == [0, 1, 2, 3]
+    if case == "fork" and mode != "processes":  # under processes a worker is the parent
+        assert report["child_exit"] == 0

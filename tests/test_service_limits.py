@@ -56,6 +56,29 @@ def test_a_cpu_job_raising_stop_iteration_fails_with_its_type(server: Server) ->
         assert client.post("/v1/run/square", json={"args": [4]}).json()["result"] == 16
 
 
+@pytest.mark.parametrize(
+    ("task", "error_type"),
+    [
+        ("interrupts_a_thread", "KeyboardInterrupt"),
+        ("interrupts_a_process", "KeyboardInterrupt"),
+        ("closes_itself", "GeneratorExit"),
+        ("cancels_itself", "CancelledError"),
+    ],
+)
+def test_a_job_raising_a_base_exception_fails_with_its_type(
+    server: Server, task: str, error_type: str
+) -> None:
+    with server.client() as client:
+        job = client.post("/v1/jobs", json={"task": task}).json()
+        done = client.get(f"/v1/jobs/{job['id']}/wait", params={"timeout": 20}).json()
+        assert done["state"] == "failed"
+        assert done["error"]["type"] == error_type
+        assert client.post(f"/v1/run/{task}").json()["error"]["type"] == error_type
+        # the worker that ran it is free again
+        assert client.post("/v1/run/square", json={"args": [4]}).json()["result"] == 16
+        assert client.get("/healthz").status_code == 200
+
+
 def test_a_task_that_exits_fails_its_job_not_the_server(server: Server) -> None:
     with server.client() as client:
         for task, code in (("exits", "3"), ("exits_in_a_process", "4")):

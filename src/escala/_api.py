@@ -16,7 +16,7 @@ from ._auto import run_auto
 from ._core.drive import Chunk
 from ._core.plan import check_arguments, collect, is_async, place, plan_for, values_of
 from ._core.run import start_run
-from ._core.scheduler import Outcome
+from ._core.scheduler import Outcome, iteration_error, task_stop
 from ._options import ErrorPolicy, Options, RunOptions
 
 __all__ = ["aimap", "amap", "imap", "map"]
@@ -106,7 +106,13 @@ def map(
     if plan.runs_on == "async" and not _loop_running():
         # No loop in this thread: run one here, as amap would, rather than start a thread
         # for it (a few milliseconds a call, and one more thread to stop on Ctrl-C).
-        return asyncio.run(_amap_collect(fn, items, opts))
+        try:
+            return asyncio.run(_amap_collect(fn, items, opts))
+        except RuntimeError as exc:
+            stop = task_stop(exc)
+            if stop is None:
+                raise
+        raise stop  # what a task raised, out of the handler (see collect)
     run = start_run(fn, items, opts, ordered=False, keep_all=True, plan=plan)
     return collect(run.chunks(items))
 
@@ -189,7 +195,13 @@ async def amap(
         **kwargs: as for :func:`map`.
     """
     opts = _async_options(fn, items, limit, errors, options, kwargs)
-    return await _amap_collect(fn, items, opts)
+    try:
+        return await _amap_collect(fn, items, opts)
+    except RuntimeError as exc:
+        stop = task_stop(exc)
+        if stop is None:
+            raise
+        raise iteration_error(stop, "a coroutine") from stop
 
 
 async def _amap_collect(
@@ -220,9 +232,15 @@ def aimap(
     opts = _async_options(fn, items, limit, errors, options, kwargs)
 
     async def results() -> AsyncIterator[Any]:
-        async for _, values in _arun(fn, items, opts, ordered=ordered):
-            for value in values:
-                yield value
+        try:
+            async for _, values in _arun(fn, items, opts, ordered=ordered):
+                for value in values:
+                    yield value
+        except RuntimeError as exc:
+            stop = task_stop(exc)
+            if stop is None:
+                raise
+            raise iteration_error(stop) from stop
 
     return results()
 

@@ -17,7 +17,7 @@ from ..backends import create
 from ..backends.base import Backend
 from .adaptive import ConcurrencyLimit
 from .drive import Chunk
-from .scheduler import BatchSizer, Scheduler
+from .scheduler import BatchSizer, Scheduler, iteration_error, task_stop
 
 #: Default concurrency of async mode when neither ``workers`` nor ``limit`` is given.
 ASYNC_LIMIT = 100
@@ -164,12 +164,27 @@ def place(results: list[Any], chunk: Chunk) -> None:
 
 
 def collect(chunks: Iterator[Chunk]) -> list[Any]:
+    """Gather a run's chunks into the list of results, in input order."""
     results: list[Any] = []
-    for chunk in chunks:
-        place(results, chunk)
-    return results
+    try:
+        for chunk in chunks:
+            place(results, chunk)
+    except RuntimeError as exc:
+        stop = task_stop(exc)
+        if stop is None:
+            raise
+    else:
+        return results
+    raise stop  # out of the handler: the generator's RuntimeError is no part of it
 
 
 def values_of(chunks: Iterator[Chunk]) -> Iterator[Any]:
-    for _, values in chunks:
-        yield from values
+    """Yield a run's results one by one."""
+    try:
+        for _, values in chunks:
+            yield from values
+    except RuntimeError as exc:
+        stop = task_stop(exc)
+        if stop is None:
+            raise
+        raise iteration_error(stop) from stop

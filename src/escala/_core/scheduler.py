@@ -301,6 +301,7 @@ class Scheduler:
                     range(index, index + 1), [Outcome(index, item, None, error, attempts)]
                 )
             else:
+                mark_stop(error, index)
                 self.error = error
                 return
 
@@ -362,3 +363,42 @@ class Scheduler:
     def in_flight(self) -> int:
         """Batches submitted and not yet reported."""
         return self._in_flight
+
+
+def mark_stop(error: BaseException, index: int) -> None:
+    """Mark a task's ``StopIteration`` about to be raised through the run's generators.
+
+    Python turns a ``StopIteration`` raised in a generator into ``RuntimeError('generator
+    raised StopIteration')`` (PEP 479), and the driver is a generator; the mark tells the
+    conversion of *this* exception from a task's own RuntimeError (:func:`task_stop`).
+    """
+    if isinstance(error, (StopIteration, StopAsyncIteration)):
+        error._escala_task = index  # type: ignore[union-attr]
+
+
+def task_stop(exc: BaseException) -> StopIteration | StopAsyncIteration | None:
+    """The task's ``StopIteration`` that a generator of the run turned into ``exc``, if so."""
+    cause = exc.__cause__
+    if (
+        type(exc) is RuntimeError
+        and isinstance(cause, (StopIteration, StopAsyncIteration))
+        and hasattr(cause, "_escala_task")
+    ):
+        return cause
+    return None
+
+
+def iteration_error(
+    stop: StopIteration | StopAsyncIteration, where: str = "an iterator of results"
+) -> RuntimeError:
+    """What ``where`` raises for a task's ``StopIteration``, which it cannot raise as it is.
+
+    Raised from an iterator, it would end the caller's ``for`` loop as if every result were
+    in; from a coroutine, Python itself refuses it (PEP 479).
+    """
+    name = type(stop).__name__
+    return RuntimeError(
+        f"task #{getattr(stop, '_escala_task', '?')} raised {name}, which {where} cannot "
+        f"raise as it is (a loop over it would end as if the input were done): the {name} "
+        "is the cause of this error"
+    )

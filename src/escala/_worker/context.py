@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-import itertools
 import time
 import types
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from . import forks
 from .messages import Apply, Batch, Call, invoke
 from .slots import START, TASK, UNTRACKED
 
 __all__ = ["WorkerContext", "worker_state"]
-
-_builtin_map = map
 
 _state: contextvars.ContextVar[SimpleNamespace] = contextvars.ContextVar("escala_worker_state")
 
@@ -99,8 +97,14 @@ class WorkerContext:
         slot: Any = None,
         slot_base: float = 0.0,
         timed: bool = False,
+        ctrl_c: Callable[[BaseException], bool] | None = None,
     ) -> tuple[list[Any], dict[int, BaseException] | None, float]:
         """Run every task of ``batch`` in order.
+
+        Whatever a task raises is its outcome, ``BaseException`` included: a
+        ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit`` raised by a task is that
+        task's failure, as ``concurrent.futures`` has it. A child that a task forked, and
+        that returns from the task, ends here (:mod:`escala._worker.forks`).
 
         Args:
             batch: the tasks.
@@ -111,6 +115,8 @@ class WorkerContext:
                 task's start time. The parent reads it to tell which task a worker is on.
             slot_base: the batch's code in the slot, ``slots.base(batch_id)``.
             timed: track every task's start (for timeouts).
+            ctrl_c: tells a real Ctrl-C, which propagates, from a task's own
+                ``KeyboardInterrupt`` (:func:`escala._worker.interrupts.ctrl_c_check`).
 
         Returns:
             The results (``None`` where a task failed), the failures by position (or
@@ -125,54 +131,77 @@ class WorkerContext:
             # The common case runs in C: list.extend keeps the results appended before a
             # task raises, so the failing position is len(values) and no task runs twice.
             # Per-task bookkeeping in Python would cost 3-4 times the call of a trivial fn.
+            # A generator, not the builtin map: map ends quietly when the function raises
+            # StopIteration (an everyday next() on an empty iterator), which would lose the
+            # rest of the batch; a generator turns it into a RuntimeError (PEP 479), which
+            # _task_error takes back. It costs the same for Python functions.
             if slot is not None:
                 slot[TASK] = slot_base + UNTRACKED
-            while len(values) < len(items):
-                rest = items if not values else itertools.islice(items, len(values), None)
-                try:
-                    values.extend(_builtin_map(call.fn, rest))
-                except (Exception, SystemExit) as exc:
-                    if failures is None:
-                        failures = {}
-                    failures[len(values)] = exc
-                    values.append(None)
-            if values and type(values[0]) is types.CoroutineType:
-                failures = self._await_all(values, failures)
+            fn = call.fn
+            feed = iter(items)
+            with forks.running(feed) as running:
+                while len(values) < len(items):
+                    try:
+                        values.extend(fn(item) for item in feed)
+                    except BaseException as exc:
+                        if ctrl_c is not None and ctrl_c(exc):
+                            raise
+                        if failures is None:
+                            failures = {}
+                        failures[len(values)] = _task_error(exc)
+                        values.append(None)  # the feed has moved past the failed item
+                    if running.forked:
+                        forks.exit_child()
+                if values and type(values[0]) is types.CoroutineType:
+                    failures = self._await_all(values, failures, running, ctrl_c)
             return values, failures, time.perf_counter() - start
         is_coroutine = inspect.iscoroutine
         monotonic = time.monotonic
-        for pos, item in enumerate(items):
-            if slot is not None:
-                if timed:
-                    slot[START] = monotonic()  # first: see slots.read
-                slot[TASK] = slot_base + pos
-            elif mark is not None:
-                mark(pos)
-            try:
-                result = self.call(call, item)
-                if is_coroutine(result):
-                    result = self.resolve(result)
-                values.append(result)
-            except (Exception, SystemExit) as exc:
-                if failures is None:
-                    failures = {}
-                failures[pos] = exc
-                values.append(None)
+        with forks.running() as running:
+            for pos, item in enumerate(items):
+                if slot is not None:
+                    if timed:
+                        slot[START] = monotonic()  # first: see slots.read
+                    slot[TASK] = slot_base + pos
+                elif mark is not None:
+                    mark(pos)
+                try:
+                    result = self.call(call, item)
+                    if is_coroutine(result):
+                        result = self.resolve(result)
+                    values.append(result)
+                except BaseException as exc:
+                    if ctrl_c is not None and ctrl_c(exc):
+                        raise
+                    if failures is None:
+                        failures = {}
+                    failures[pos] = exc
+                    values.append(None)
+                if running.forked:
+                    forks.exit_child()
         return values, failures, time.perf_counter() - start
 
     def _await_all(
-        self, values: list[Any], failures: dict[int, BaseException] | None
+        self,
+        values: list[Any],
+        failures: dict[int, BaseException] | None,
+        running: forks.Running,
+        ctrl_c: Callable[[BaseException], bool] | None,
     ) -> dict[int, BaseException] | None:
         """Run the coroutines an ``async def`` task returned, one by one, in place."""
         for pos, value in enumerate(values):
             if type(value) is types.CoroutineType:
                 try:
                     values[pos] = self.resolve(value)
-                except (Exception, SystemExit) as exc:
+                except BaseException as exc:
+                    if ctrl_c is not None and ctrl_c(exc):
+                        raise
                     if failures is None:
                         failures = {}
                     failures[pos] = exc
                     values[pos] = None
+                if running.forked:
+                    forks.exit_child()
         return failures
 
     def close(self) -> None:
@@ -180,3 +209,17 @@ class WorkerContext:
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+
+
+def _task_error(exc: BaseException) -> BaseException:
+    """What the task raised, where the fast path's generator turned it into a RuntimeError."""
+    if type(exc) is RuntimeError and isinstance(exc.__cause__, StopIteration):
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        # Raised where run_batch resumed its generator, so by PEP 479's conversion: a
+        # RuntimeError of the task's own would carry the task's frames beyond this one.
+        code = tb.tb_frame.f_code if tb is not None else None
+        if code is not None and code.co_name == "run_batch" and code.co_filename == __file__:
+            return exc.__cause__
+    return exc

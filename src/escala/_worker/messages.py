@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import RemoteError, RemoteTraceback
+from .._errors import EscalaError, RemoteError, RemoteTraceback
 
 __all__ = ["Apply", "Batch", "Call", "Done", "Failure", "Sink", "describe_items", "invoke"]
 
@@ -102,6 +102,8 @@ class Failure:
         """Return the exception to raise for the task at ``index``."""
         if self.error is None:
             self.error = self._rebuild(index)
+        elif index is not None:
+            _name_task(self.error, index)
         return self.error
 
     def _rebuild(self, index: int | None) -> BaseException:
@@ -125,6 +127,19 @@ class Failure:
         if self.where:
             exc.add_note(f"escala: raised by {task} in {self.where}")
         return exc
+
+
+def _name_task(exc: BaseException, index: int) -> None:
+    """Note which task raised an exception of the task's own (escala's name it already)."""
+    if isinstance(exc, EscalaError):
+        return
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list) and any(str(n).startswith("escala: raised by") for n in notes):
+        return  # a task that raises the same object each time, or a retried one
+    try:
+        exc.add_note(f"escala: raised by task #{index}")
+    except TypeError:  # its __notes__ is not a list: leave it as the task made it
+        pass
 
 
 @dataclass(slots=True, eq=False)

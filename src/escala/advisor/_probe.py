@@ -274,7 +274,7 @@ class Probe:
                 if group.wall < GROUP_TIME:
                     size = min(size * 4, MAX_GROUP)
                     tiny = True
-        except Exception as exc:  # the initializer failed: the run reports it
+        except BaseException as exc:  # the initializer failed: the run reports it
             with self._lock:
                 sample.input_error = sample.input_error or exc
                 self._stop = True

@@ -85,7 +85,7 @@ def worker_main(conn: Connection, slot: Any, setup: WorkerSetup) -> None:
             ctx = WorkerContext(initializer, initargs)
         ctx.enter()
         ctx.initialize()
-    except Exception as exc:
+    except BaseException as exc:  # SIGINT is ignored here: a KeyboardInterrupt is its own
         conn.send_bytes(dumps(InitFailed(dump_exception(exc, where))))
         return
     conn.send_bytes(dumps(Ready()))

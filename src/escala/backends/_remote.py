@@ -315,7 +315,7 @@ class WorkerState:
                     ctx = WorkerContext()
                 ctx.enter()
                 ctx.initialize()
-            except Exception as exc:
+            except BaseException as exc:  # nothing the initializer raises escapes either
                 return InitFailed(dump_exception(exc, where))
             with self.lock:
                 if self.context_cache is not None:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
+from .._worker import forks, interrupts
 from .._worker.context import _state
 from .._worker.messages import Batch, Call, Done, Failure, Sink, invoke
 
@@ -60,8 +61,11 @@ class AsyncBackend:
         self._init: asyncio.Future[None] | None = None
         self._tasks: dict[asyncio.Task[None], int] = {}
         self._closed = False
+        self._ctrl_c = interrupts.Watch()
 
     def start(self) -> None:
+        if not self._own_loop:
+            self._ctrl_c.start()  # tasks run on the caller's thread, maybe the main one
         if self._own_loop:
             loop = asyncio.new_event_loop()
             self._loop = loop
@@ -103,7 +107,9 @@ class AsyncBackend:
             result = self._initializer(*self._initargs)
             if inspect.isawaitable(result):
                 await result
-        except Exception as exc:
+        except BaseException as exc:
+            if _stops_the_run(exc, interrupts.ctrl_c_check()):
+                raise
             raise BrokenWorker.initializer(f"{type(exc).__name__}: {exc}") from exc
 
     async def _run(self, batch: Batch, sink: Sink) -> None:
@@ -124,16 +130,22 @@ class AsyncBackend:
             return
         values: list[Any] = []
         failures: dict[int, Failure] | None = None
+        running = forks.in_async_task()
+        ctrl_c = interrupts.ctrl_c_check()
         begin = time.perf_counter()
         for pos, item in enumerate(batch.items):
             async with self._sem:
                 try:
                     values.append(await self._call(batch, pos, item))
-                except (Exception, SystemExit) as exc:
+                except BaseException as exc:
+                    if _stops_the_run(exc, ctrl_c):
+                        raise
                     values.append(None)
                     if failures is None:
                         failures = {}
                     failures[pos] = Failure(error=exc)
+            if running.forked:
+                forks.exit_child()
         sink(Done(batch, values, failures, busy=time.perf_counter() - begin))
 
     async def _call(self, batch: Batch, pos: int, item: Any) -> Any:
@@ -168,6 +180,7 @@ class AsyncBackend:
         if loop is None:
             return
         if not self._own_loop:
+            self._ctrl_c.stop()
             if cancel:
                 self._cancel_where(None)
             return
@@ -199,6 +212,20 @@ class AsyncBackend:
             return
         self.shutdown(cancel=cancel)
         await self._drain(cancel=False)  # on the caller's loop: wait for its tasks here
+
+
+def _stops_the_run(exc: BaseException, ctrl_c: Callable[[BaseException], bool] | None) -> bool:
+    """Whether ``exc`` stops the run rather than fail one task.
+
+    A task's own exception, ``BaseException`` included, is its outcome; the run stops for
+    a cancellation of escala's task (a cancelled run, the loop shutting down) and for a
+    real Ctrl-C on the main thread. A ``CancelledError`` the task raised by itself, with
+    nobody cancelling, is the task's.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+    return ctrl_c is not None and ctrl_c(exc)
 
 
 async def _invoke(call: Call, item: Any) -> Any:

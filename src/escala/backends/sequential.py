@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
+from .._worker import interrupts
 from .._worker.context import WorkerContext, _state
 from .._worker.messages import Batch, Done, Failure, Sink
 
@@ -37,12 +38,20 @@ class SequentialBackend:
         self.workers = 1
         self._ctx = WorkerContext(initializer, initargs)
         self._closed = False
+        self._ctrl_c = interrupts.Watch()
 
     def start(self) -> None:
+        # Tasks run in the caller's thread, the main one often: a real Ctrl-C there must
+        # stop the run, a KeyboardInterrupt that a task raises must not
+        self._ctrl_c.start()
+        ctrl_c = interrupts.ctrl_c_check()
         token = self._ctx.enter()
         try:
             self._ctx.initialize()
-        except Exception as exc:
+        except BaseException as exc:
+            if ctrl_c is not None and ctrl_c(exc):
+                self._ctrl_c.stop()
+                raise
             raise BrokenWorker.initializer(f"{type(exc).__name__}: {exc}") from exc
         finally:
             _state.reset(token)
@@ -55,7 +64,9 @@ class SequentialBackend:
         token = self._ctx.enter()
         try:
             values, errors, busy = self._ctx.run_batch(
-                batch, (lambda _pos: starts.append(time.monotonic())) if timeout else None
+                batch,
+                (lambda _pos: starts.append(time.monotonic())) if timeout else None,
+                ctrl_c=interrupts.ctrl_c_check(),
             )
         finally:
             _state.reset(token)
@@ -74,6 +85,7 @@ class SequentialBackend:
 
     def shutdown(self, *, cancel: bool) -> None:
         self._closed = True
+        self._ctrl_c.stop()
         self._ctx.close()
 
     async def aclose(self, *, cancel: bool) -> None:

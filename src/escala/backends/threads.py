@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import BrokenWorker, PoolClosed, TaskTimeout
+from .._worker import forks
 from .._worker.context import WorkerContext
 from .._worker.messages import Batch, Done, Failure, Sink
 
@@ -166,7 +167,7 @@ class ThreadBackend:
         try:
             try:
                 ctx.initialize()
-            except Exception as exc:
+            except BaseException as exc:  # the thread lives on to report it, or none would
                 self._broken = BrokenWorker.initializer(
                     f"{type(exc).__name__}: {exc}", where="a worker thread"
                 )
@@ -210,25 +211,28 @@ class ThreadBackend:
             worker.running = run
         timed = batch.call.timeout is not None
         begin = time.perf_counter()
-        for pos, item in enumerate(batch.items):
-            if timed:
-                with self._lock:
-                    run.pos, run.started = pos, time.monotonic()
-                    self._wake_watchdog.notify()
-            try:
-                value = ctx.call(batch.call, item)
-            except (Exception, SystemExit) as exc:
-                value = None
-                if run.failures is None:
-                    run.failures = {}
-                run.failures[pos] = Failure(error=exc)
-            if timed:
-                with self._lock:
-                    if worker.abandoned:
-                        return  # the watchdog has reported this batch already
+        with forks.running() as running:
+            for pos, item in enumerate(batch.items):
+                if timed:
+                    with self._lock:
+                        run.pos, run.started = pos, time.monotonic()
+                        self._wake_watchdog.notify()
+                try:
+                    value = ctx.call(batch.call, item)
+                except BaseException as exc:  # all of it: SIGINT never reaches this thread
+                    value = None
+                    if run.failures is None:
+                        run.failures = {}
+                    run.failures[pos] = Failure(error=exc)
+                if running.forked:
+                    forks.exit_child()
+                if timed:
+                    with self._lock:
+                        if worker.abandoned:
+                            return  # the watchdog has reported this batch already
+                        run.values.append(value)
+                else:
                     run.values.append(value)
-            else:
-                run.values.append(value)
         with self._lock:
             if worker.abandoned:
                 return

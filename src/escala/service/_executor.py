@@ -164,9 +164,17 @@ async def _contained(coro: Coroutine[Any, Any, Any]) -> Any:
     """Await an async task, turning what would end the event loop into a failure."""
     try:
         return await coro
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # asyncio re-raises these out of the loop: one task's sys.exit() would end the
-        # server and every job on it
+    except BaseException as exc:
+        # asyncio re-raises KeyboardInterrupt and SystemExit out of the loop: one task's
+        # sys.exit() would end the server and every job on it. Other BaseExceptions
+        # (GeneratorExit, a CancelledError the task raised with nobody cancelling it)
+        # would pass the job's `except Exception` and leave it running for good.
+        if isinstance(exc, Exception):
+            raise
+        if isinstance(exc, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # really cancelled: by a client, the job's timeout or shutdown
         raise Carried(exc) from exc
 
 
