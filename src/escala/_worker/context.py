@@ -210,4 +210,3 @@ class WorkerContext:
         if self._runner is not None:
             self._runner.close()
             self._runner = None
-
