@@ -418,12 +418,7 @@ def test_an_address_needs_a_cluster_mode(engine: Engine) -> None:
 
 # escala's Ray backend connects with a bare ray.init(address=...), which goes on retrying an
 # address where nothing answers (seen: still retrying after 5 minutes) and never reports it.
-_RAY_WAITS_FOREVER = xfail_on(
-    "ray",
-    reason="an unreachable Ray address hangs in ray.init(address=...): no connect timeout",
-    raises=subprocess.TimeoutExpired,
-)
-# a second to connect, not Dask's 30 (the Ray backend has no such setting: the xfail)
+# a second to connect, not the engines' defaults
 _UNREACHABLE = """
 import escala.backends.{mode} as backend
 backend.CONNECT_TIMEOUT = 1
@@ -435,7 +430,6 @@ assert not connected()
 """
 
 
-@_RAY_WAITS_FOREVER
 def test_an_unreachable_cluster_is_reported_and_leaves_nothing_behind(engine: Engine) -> None:
     call = "escala.map(abs, [1], mode=MODE, address=NOWHERE)"
     out = in_a_fresh_interpreter(
@@ -445,7 +439,6 @@ def test_an_unreachable_cluster_is_reported_and_leaves_nothing_behind(engine: En
     assert out.endswith("left: [] []\n"), out
 
 
-@_RAY_WAITS_FOREVER
 def test_auto_reports_a_cluster_it_cannot_reach(engine: Engine) -> None:
     call = "escala.map(abs, range(1000), address=NOWHERE)"
     out = in_a_fresh_interpreter(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -60,6 +61,8 @@ __all__ = ["RayBackend"]
 #: Worker contexts (initializer state, event loop) a Ray worker keeps before closing the
 #: oldest: Ray workers outlive a run on a cluster escala did not start.
 CONTEXT_CACHE = 16
+#: Seconds to wait for a TCP connection to a cluster's address before ``ray.init``.
+CONNECT_TIMEOUT = 5.0
 
 # the worker died, or its node did: nothing the function raised
 _DIED = (
@@ -126,6 +129,7 @@ class RayBackend(RemoteBackend):
                 )
         elif address is not None:
             try:
+                _check_reachable(address)
                 self._local = _acquire(
                     address=address, configure_logging=False, log_to_driver=False
                 )
@@ -390,6 +394,20 @@ def _release() -> None:
 
 def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _check_reachable(address: str) -> None:
+    """Try a TCP connection to a Ray address; raise ``OSError`` if nothing answers.
+
+    ``ray.init`` waits for an unreachable cluster for minutes (its GCS reconnect timeout),
+    so a mistyped address would look like a hang; a connection first fails it in seconds.
+    ``"auto"`` and forms Ray reads elsewhere are left to Ray.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT):
+        pass
 
 
 # -- inside a Ray worker --------------------------------------------------------------
