@@ -13,6 +13,7 @@ of one engine is a strict xfail on that engine alone (``xfail_on``).
 from __future__ import annotations
 
 import abc
+import collections
 import os
 import pathlib
 import signal
@@ -446,6 +447,31 @@ def test_auto_reports_a_cluster_it_cannot_reach(engine: Engine) -> None:
     )
     assert f"error: {engine.unreachable} {engine.nowhere!r}" in out, out
     assert out.endswith("left: [] []\n"), out
+
+
+# -- tasks that fork ----------------------------------------------------------------------
+
+
+def fork_on_one(folder: str, x: int) -> int:
+    """Item 1 forks and both processes return; every call leaves a file after that."""
+    if x == 1:
+        os.fork()
+    pathlib.Path(folder, f"{x}-{os.getpid()}").touch()
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_by_a_task_ends_with_the_task(
+    cluster: SessionCluster, tmp_path: pathlib.Path
+) -> None:
+    """One batch of four: a child that went on with the batch would run items 2 and 3 again."""
+    task = partial(fork_on_one, str(tmp_path))
+    assert escala.map(task, range(4), mode=cluster.mode, batch=4) == [0, 1, 2, 3]
+    deadline = time.monotonic() + 20  # the child writes its file as it returns
+    while len(list(tmp_path.glob("1-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # nothing to wait on: the child is the cluster worker's
+    calls = collections.Counter(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert calls == {"0": 1, "1": 2, "2": 1, "3": 1}, calls
 
 
 # -- workers that die or hang --------------------------------------------------------------

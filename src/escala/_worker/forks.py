@@ -70,16 +70,28 @@ def in_async_task() -> Running:
 def exit_child() -> None:
     """End a child forked by a task, which has just returned from that task."""
     try:
-        sys.stderr.write(
-            f"escala: a task forked, and the child (pid {os.getpid()}) returned from the "
-            "task instead of ending with os._exit(); escala ends it here, so that it does "
-            "not run the rest of the work again\n"
+        os.write(
+            2,
+            f"escala: a task forked, and the child (pid {os.getpid()}) returned from the task "
+            "instead of ending with os._exit(); escala ends it here, so that it does not run "
+            "the rest of the work again\n".encode(),
         )
-        # what the child printed is kept, as multiprocessing keeps it for its children
-        sys.stdout.flush()
-        sys.stderr.flush()
+        if _alone_at_fork:
+            # what the child printed is kept, as multiprocessing keeps it for its children;
+            # not when other threads ran at the fork: one may have held a stream's lock,
+            # and the child would wait for it forever
+            sys.stdout.flush()
+            sys.stderr.flush()
     finally:
         os._exit(0)
+
+
+_alone_at_fork = True  # the forking process had a single thread
+
+
+def _before_fork() -> None:
+    global _alone_at_fork
+    _alone_at_fork = threading.active_count() == 1
 
 
 def _after_fork_in_child() -> None:
@@ -96,4 +108,4 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
