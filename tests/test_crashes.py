@@ -408,10 +408,15 @@ def test_a_pool_future_carries_what_the_task_raised(mode: str, how: str) -> None
 def test_an_initializer_that_raises_a_base_exception_breaks_the_run_clearly(
     mode: str, how: str
 ) -> None:
-    if mode == "sequential" and how == "KeyboardInterrupt":
-        pytest.skip("on the caller's own thread a KeyboardInterrupt may be a Ctrl-C: it stops")
-    with pytest.raises((escala.BrokenWorker, RAISES[how])):
+    with pytest.raises(escala.BrokenWorker) as info:
         escala.map(abs, range(4), mode=mode, workers=2, initializer=_misbehave, initargs=(how, 1))
+    cause = info.value.__cause__
+    if mode in CROSSES:  # the worker's traceback, as text
+        assert isinstance(cause, escala.RemoteTraceback)
+        assert f"\n{RAISES[how].__name__}" in cause.tb
+    else:
+        assert isinstance(cause, RAISES[how]), repr(cause)
+    assert RAISES[how].__name__ in str(info.value)
 
 
 @pytest.mark.timeout(60)
