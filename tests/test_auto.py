@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import pathlib
@@ -485,3 +486,55 @@ def test_an_address_needs_a_mode_that_can_use_it() -> None:
         escala.Pool(address="tcp://10.0.0.5:8786")
     with pytest.raises(ValueError, match="cannot weigh the cluster"):
         asyncio.run(escala.amap(inc, [1], mode="auto", address="tcp://10.0.0.5:8786"))
+
+
+# -- a first task that outlasts the sampling window ------------------------------------------
+
+
+def compute_for(seconds: float, x: int, mark: pathlib.Path | None = None) -> int:
+    """Compute, holding the GIL, for ``seconds`` of this thread's CPU time."""
+    if mark is not None:
+        with mark.open("a") as f:
+            f.write(f"{x}\n")
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return x
+
+
+def _still_running(wall: float, total: int) -> Measurements:
+    """What sampling measures of a first task still computing at the window's end."""
+    return replace(_measurements(wall, total, samples=1), lower_bound=True)
+
+
+def test_a_task_still_running_is_a_lower_bound_that_can_pay_for_processes() -> None:
+    # Two items, the first still computing after 50 ms: the second would wait for it here
+    # (the GIL), but runs beside it in a process, whose start (30 ms) it pays for.
+    advice = decide(_still_running(0.05, 2), remaining=1)
+    assert (advice.mode, advice.reason) == ("processes", Reason.HOLDS_GIL)
+    assert advice.speedup > 1.1
+
+
+def test_a_short_lower_bound_does_not_pay_for_processes_yet() -> None:
+    # 10 ms so far, against 30 ms to start processes: not yet
+    assert decide(_still_running(0.01, 2), remaining=1).mode == "sequential"
+    # and a finished task of 50 ms with one item left: nothing to run beside it
+    assert decide(_measurements(0.05, 2, samples=1), remaining=1).mode == "sequential"
+
+
+@pytest.mark.timeout(60)
+def test_few_long_tasks_go_to_processes() -> None:
+    """As many items as cores, each far longer than the window: auto once saw 'over 18 ms'
+    as 18 ms and ran them one after another (1.7x the processes time)."""
+    advice = escala.advise(functools.partial(compute_for, 1.0), range(2))
+    assert advice.mode == "processes", advice.explain()
+    assert advice.measured is not None and advice.measured.lower_bound
+    assert "still running" in advice.explain()
+
+
+@pytest.mark.timeout(60)
+def test_few_long_tasks_run_once_each_in_order(tmp_path: pathlib.Path) -> None:
+    mark = tmp_path / "ran"
+    task = functools.partial(compute_for, 0.5, mark=mark)
+    assert escala.map(task, range(2)) == [0, 1]
+    assert sorted(mark.read_text().split()) == ["0", "1"]

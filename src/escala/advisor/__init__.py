@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import replace
 from typing import Any
@@ -28,8 +29,8 @@ from ._advice import Advice, Cluster, Measurements, Reason
 from ._cluster import weigh
 from ._decide import decide, decide_for_coroutine, decide_from_hint
 from ._overhead import overheads
-from ._probe import Probe, Sample
-from ._rules import TINY_JOB
+from ._probe import Probe, Sample, budget
+from ._rules import TINY_JOB, WATCH_LIMIT, WATCH_STEP
 
 __all__ = ["Advice", "Cluster", "Measurements", "Reason", "advise", "measure", "weigh"]
 
@@ -130,7 +131,45 @@ def measure(
         cores=cores,
         overhead=overhead,
     )
-    return _with_workers(decide(measured, remaining), workers), sample, probe
+    advice = decide(measured, remaining)
+    if (
+        measured.lower_bound
+        and advice.reason is Reason.TOO_SMALL
+        and "processes-start" in measured.overhead
+    ):
+        advice = _watch_the_first(probe, sample, measured, remaining, advice)
+    return _with_workers(advice, workers), sample, probe
+
+
+def _watch_the_first(
+    probe: Probe,
+    sample: Sample,
+    measured: Measurements,
+    remaining: int | None,
+    advice: Advice,
+) -> Advice:
+    """Watch a first task that outlasted the sampling window until its figures decide.
+
+    What it has run so far is only a lower bound of its length: too short yet to pay for
+    starting processes, perhaps, but each moment it goes on computing raises the bound.
+    Waiting costs nothing against the sequential outcome, which would run it to its end
+    before anything else; so the decision is taken again as it runs, until processes pay
+    for the rest (then they run beside it), it ends (a real measurement), or it has run
+    long enough that starting processes would have paid many times over (
+    ``WATCH_LIMIT`` × their start-up, a bound on what waiting can cost).
+    """
+    start_cost = measured.overhead.get("processes-start", 0.0)
+    until = time.perf_counter() + max(WATCH_LIMIT * start_cost, budget())
+    while advice.mode == "sequential" and time.perf_counter() < until:
+        ended = probe.watch_running(WATCH_STEP)
+        wall, cpu, queued = sample.per_task()
+        measured = replace(
+            measured, wall=wall, cpu=cpu, queued=queued, lower_bound=sample.lower_bound
+        )
+        advice = decide(measured, remaining)
+        if ended:
+            break
+    return advice
 
 
 def _with_workers(advice: Advice, workers: int | None) -> Advice:

@@ -111,8 +111,16 @@ def _processes(m: Measurements, n: int, sequential: float) -> Advice:
     # in the caller's process, one after another, whatever the number of workers.
     serial = m.overhead.get("processes-task", 0.0) + moved / PICKLE_RATE
     predicted = m.overhead.get("processes-start", 0.0) + n * (m.wall / workers + serial)
+    if m.lower_bound:
+        # The first task is still computing on the probe thread, holding the GIL: the
+        # rest would wait for it in this process, and run beside it in processes. It has
+        # run m.wall so far, so each task takes at least that; of what it has left
+        # nothing is known, and as much again is the usual guess for a task seen only
+        # running (half way through, on average over the moment it is looked at).
+        sequential += m.wall
+        predicted = max(m.wall, predicted)
     speedup = sequential / predicted if predicted > 0 else 1.0
-    if workers < 2 or speedup < MIN_GAIN:
+    if (workers < 2 and not m.lower_bound) or speedup < MIN_GAIN:
         return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
     batch = max(1, min(16384, math.floor(BATCH_TARGET / max(m.wall, 1e-9))))
     return Advice("processes", workers, batch, speedup, Reason.HOLDS_GIL, m)

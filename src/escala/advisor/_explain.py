@@ -112,6 +112,13 @@ def _because(advice: Advice, m: Measurements) -> str:
             f"The work computes ({m.cpu_share:.0%} CPU), but {why}, so threads run it in "
             f"parallel without copying anything to other processes: {advice.workers} threads."
         )
+    if reason is Reason.HOLDS_GIL and m.lower_bound:
+        return (
+            f"The first task was still running after {human_time(m.wall)}, computing "
+            f"({m.cpu_share:.0%} CPU) in Python and holding the GIL: the rest would wait for "
+            f"it in this process, so {_workers(advice.workers)} beside it, which pays "
+            "for starting processes whatever the task's length beyond that."
+        )
     if reason is Reason.HOLDS_GIL:
         return (
             f"The work computes ({m.cpu_share:.0%} CPU) in Python, holding the GIL: only "
@@ -191,3 +198,7 @@ def _weighed(c: Cluster, m: Measurements, *, chosen: int | None) -> str:
             f"it, so {c.local_mode} was chosen here."
         )
     return text + f", so {c.local_mode} was chosen here."
+
+
+def _workers(n: int) -> str:
+    return "a worker process runs the rest" if n == 1 else f"{n} worker processes run the rest"

@@ -219,10 +219,7 @@ class Probe:
                         for g, clock, native in self._running.values()
                     ):
                         self._stop = True
-                        for group, clock, native in self._running.values():
-                            group.wall = now - group.started
-                            group.cpu = _cpu_since(clock, group.cpu_start)
-                            group.queued = _queued_since(group.queued_start, native)
+                        self._measure_running(now)
                         break
         except BaseException:
             with self._lock:  # Ctrl-C while measuring: stop pulling, drop what runs
@@ -236,6 +233,25 @@ class Probe:
             kept_out = sample.elapsed - slept - starved
             sample.gil_wait_mean = max(0.0, kept_out) / max(1, wakes)
         return sample
+
+    def _measure_running(self, now: float) -> None:
+        """Take the figures of the groups still running, as of ``now`` (lock held)."""
+        for group, clock, native in self._running.values():
+            group.wall = now - group.started
+            group.cpu = _cpu_since(clock, group.cpu_start)
+            group.queued = _queued_since(group.queued_start, native)
+
+    def watch_running(self, timeout: float) -> bool:
+        """After :meth:`sample`, wait up to ``timeout`` for the groups still running.
+
+        Returns whether they all ended (their figures are then final); otherwise their
+        figures are brought up to now, so that a decision can look again.
+        """
+        if self._all_done.wait(timeout):
+            return True
+        with self._lock:
+            self._measure_running(time.perf_counter())
+        return False
 
     def _serve(self, items: Iterator[Any], deadline: float, cap: int) -> None:
         clock = (

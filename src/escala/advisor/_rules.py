@@ -17,6 +17,8 @@ __all__ = [
     "PICKLE_RATE",
     "THREADS_CAP",
     "TINY_JOB",
+    "WATCH_LIMIT",
+    "WATCH_STEP",
     "Reason",
 ]
 
@@ -55,3 +57,8 @@ ASSUMED_ITEMS = 10_000
 CLUSTER_GAIN = 1.25
 #: The most tasks per hand-off (the scheduler's BatchSizer.CAP).
 MAX_BATCH = 16384
+#: A first task still computing when the sampling window closes is watched, and the
+#: decision taken again, every WATCH_STEP seconds, for at most WATCH_LIMIT times what
+#: starting processes costs: by then processes would have paid for themselves many times.
+WATCH_STEP = 0.002
+WATCH_LIMIT = 4.0
