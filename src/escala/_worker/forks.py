@@ -7,8 +7,8 @@ into the caller's program and run *that* a second time. CPython offers no way to
 child where it came from but a hook run at fork, so each worker marks what it is running
 (:func:`running`, one record per thread, or per asyncio task for async mode); the hook
 marks the record of the thread that forked, and empties its feed of items, so that the
-C loop of the batch fast path stops after the current task. The worker checks the mark
-after each task and ends the child there with :func:`exit_child`.
+batch fast path's loop stops after the current task. The worker checks the mark after
+each task and ends the child there with :func:`exit_child`.
 
 A fork outside any task (escala's own worker processes, the user's ``multiprocessing``)
 finds no record, or a record of a run the child never returns to, and is left alone.

@@ -154,9 +154,9 @@ def _watch_the_first(
     starting processes, perhaps, but each moment it goes on computing raises the bound.
     Waiting costs nothing against the sequential outcome, which would run it to its end
     before anything else; so the decision is taken again as it runs, until processes pay
-    for the rest (then they run beside it), it ends (a real measurement), or it has run
-    long enough that starting processes would have paid many times over (
-    ``WATCH_LIMIT`` × their start-up, a bound on what waiting can cost).
+    for the rest (then they run beside it), it ends (a real measurement), or it has been
+    watched for ``WATCH_LIMIT`` times what starting processes costs (a bound on what the
+    waiting can cost, should it end just short of paying).
     """
     start_cost = measured.overhead.get("processes-start", 0.0)
     until = time.perf_counter() + max(WATCH_LIMIT * start_cost, budget())
