@@ -82,6 +82,68 @@ def test_ctrl_c_reaches_the_caller_and_leaves_nothing(how: str) -> None:
         assert not _alive(pid), f"worker {pid} outlived Ctrl-C"
 
 
+# A task's own KeyboardInterrupt is its outcome; a real Ctrl-C afterwards must still stop
+# the run. On the main thread (sequential, and async def tasks run by map) both are the
+# same exception: escala tells them apart by counting SIGINTs.
+AFTER_A_TASKS_OWN = textwrap.dedent(
+    r"""
+    import asyncio, sys, time
+    import escala
+
+    MODE = sys.argv[1]
+
+    def task(x):
+        if x == 1:
+            raise KeyboardInterrupt("the task's own")
+        if x == 3:
+            sys.stdout.write("blocking\n")
+            sys.stdout.flush()
+            time.sleep(3600)
+        return x
+
+    async def atask(x):
+        if x == 1:
+            raise KeyboardInterrupt("the task's own")
+        if x == 3:
+            sys.stdout.write("blocking\n")
+            sys.stdout.flush()
+            await asyncio.sleep(3600)
+        return x
+
+    try:
+        escala.map(atask if MODE == "async" else task, range(5), mode=MODE, workers=1,
+                   errors="collect")
+    except KeyboardInterrupt as exc:
+        print(f"interrupted {exc!r}", flush=True)
+        sys.exit(42)
+    print("collected the Ctrl-C as a task's outcome", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["sequential", "async"])
+def test_ctrl_c_after_a_tasks_own_keyboard_interrupt_still_stops(how: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", AFTER_A_TASKS_OWN, how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "blocking\n"  # task #1's KeyboardInterrupt is past
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 42, out + err
+    assert "the task's own" not in out  # the real one reached the caller, not task #1's
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
