@@ -50,27 +50,10 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("how", ["sequential", "threads", "processes", "async"])
 def test_ctrl_c_reaches_the_caller_and_leaves_nothing(how: str) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, how],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert child.stdout is not None
-        expected = 1 if how == "sequential" else 2
-        started = [child.stdout.readline() for _ in range(expected)]
-        assert all(line.startswith("started") for line in started), started
-        worker_pids = {int(line.split()[1]) for line in started} - {child.pid}
-        sent = time.monotonic()
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    expected = 1 if how == "sequential" else 2
+    child, started, sent, out, err = _ctrl_c(CHILD, how, expected)
+    assert all(line.startswith("started") for line in started), started
+    worker_pids = {int(line.split()[1]) for line in started} - {child.pid}
     assert child.returncode == 42, err
     interrupted = float(out.split("interrupted ")[1].split()[0])
     # "within about a second": generous here so a slow machine cannot fail it
@@ -124,8 +107,22 @@ AFTER_A_TASKS_OWN = textwrap.dedent(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["sequential", "async"])
 def test_ctrl_c_after_a_tasks_own_keyboard_interrupt_still_stops(how: str) -> None:
+    child, started, _, out, err = _ctrl_c(AFTER_A_TASKS_OWN, how, 1)
+    assert started == ["blocking\n"]  # task #1's KeyboardInterrupt is past
+    assert child.returncode == 42, out + err
+    assert "the task's own" not in out  # the real one reached the caller, not task #1's
+
+
+def _ctrl_c(
+    script: str, arg: str, lines: int
+) -> tuple[subprocess.Popen[str], list[str], float, str, str]:
+    """Run ``script`` in a child interpreter, read ``lines`` lines, then send it SIGINT.
+
+    Returns the child (ended), the lines read before the signal, when it was sent, and
+    what the child wrote after.
+    """
     child = subprocess.Popen(
-        [sys.executable, "-c", AFTER_A_TASKS_OWN, how],
+        [sys.executable, "-c", script, arg],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -133,15 +130,15 @@ def test_ctrl_c_after_a_tasks_own_keyboard_interrupt_still_stops(how: str) -> No
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline() == "blocking\n"  # task #1's KeyboardInterrupt is past
+        started = [child.stdout.readline() for _ in range(lines)]
+        sent = time.monotonic()
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == 42, out + err
-    assert "the task's own" not in out  # the real one reached the caller, not task #1's
+    return child, started, sent, out, err
 
 
 def _alive(pid: int) -> bool:
