@@ -170,6 +170,9 @@ def fresh_figures() -> Iterator[None]:
 def _session_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "dask":
         client = request.getfixturevalue("dask_cluster")
+        # an earlier test may have killed a worker: its nanny is still starting the new
+        # one, and a test that needs two tasks at once would find one worker
+        client.wait_for_workers(2, timeout=60)
         with client.as_current():
             yield "dask"
     elif request.param == "ray":
