@@ -12,23 +12,34 @@ twice because it was measured.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
 from ._core.adaptive import ConcurrencyLimit
 from ._core.drive import Chunk
-from ._core.plan import total_of
-from ._core.run import start_run
+from ._core.plan import fitted, make_backend, plan_for, total_of
+from ._core.progress import progress_for
+from ._core.run import Run, start_run
 from ._core.scheduler import Scheduler
 from ._errors import TaskTimeout
 from ._options import ENGINES, Options
 from ._worker.messages import Batch, Done, Failure, Sink
-from .advisor import Advice, measure, weigh
+from .advisor import Advice, Measurements, _verify, measure, recorded, weigh
+from .advisor._decide import alternatives
 from .advisor._probe import Group, Probe, Sample
-from .advisor._rules import THREADS_CAP
+from .advisor._rules import (
+    ASSUMED_ITEMS,
+    BATCH_TARGET,
+    GUESSED_PROCESS_START,
+    MAX_BATCH,
+    THREADS_CAP,
+    Reason,
+)
 from .backends.base import Backend
 
 __all__ = ["run_auto"]
@@ -43,7 +54,11 @@ def run_auto(
     keep_all: bool = False,
     on_advice: Callable[[Advice], None] | None = None,
 ) -> Iterator[Chunk]:
-    """Measure, choose and run; yield result chunks as :meth:`escala._core.run.Run.chunks` does."""
+    """Measure, choose and run; yield result chunks as :meth:`escala._core.run.Run.chunks` does.
+
+    ``on_advice`` hears the advice when the run starts, and again at its end with what the
+    run verified (:attr:`Advice.legs`) when it did.
+    """
     iterator = iter(items)
     total = total_of(items)
     advice, sample, probe = measure(
@@ -58,6 +73,7 @@ def run_auto(
     timers: list[threading.Timer] = []
     abandoned: list[Group] = []  # sampled tasks reported as timed out: never waited for
     cluster: Backend | None = None  # started while weighing the cluster; the run's if chosen
+    legs: _Legs | None = None
     try:
         if sample is not None and sample.input_error is not None:
             raise sample.input_error
@@ -71,22 +87,15 @@ def run_auto(
             )
         if on_advice is not None:
             on_advice(advice)
-        limit = None
-        workers = advice.workers
-        if advice.adaptive:
-            # Sampled tasks still finishing on the probe thread sit in the window without
-            # using one of the backend's threads: make room for them on top.
-            running = len(sample.groups) - sum(g.done for g in sample.groups) if sample else 0
-            high = min(THREADS_CAP, total) if total else THREADS_CAP
-            limit = ConcurrencyLimit(advice.workers + running, high=max(1, high + running))
-            workers = high  # threads start on demand; the limit decides how many
-        address = opts.address if advice.mode in ENGINES else None  # a local mode takes none
-        chosen = replace(
-            opts,
-            mode=advice.mode,  # type: ignore[arg-type]
-            workers=workers,
-            address=address,
-        )
+        done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
+        if sample is not None and _verifiable(advice, opts):
+            legs = _Legs(fn, items, opts, advice, sample, ordered=ordered, keep_all=keep_all)
+            first = legs.first()
+            _absorb_or_close(first, sample, probe, done_queue.put, opts, timers, abandoned)
+            yield from legs.chunks(iterator, first, done_queue)
+            clean = True
+            return
+        chosen, limit = _sized(advice, opts, total, sample)
         # the cluster won: the backend that measured it (started) runs the rest
         backend, cluster = cluster, None
         run = start_run(
@@ -100,19 +109,16 @@ def run_auto(
             limit=limit,
             label=f"auto → {advice.mode}",
         )
-        done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
-        if sample is not None and probe is not None:
-            try:
-                _absorb(
-                    run.scheduler, sample, probe, done_queue.put, opts.timeout, timers, abandoned
-                )
-            except BaseException:
-                if run.started:
-                    run.close()
-                raise
+        _absorb_or_close(run, sample, probe, done_queue.put, opts, timers, abandoned)
         yield from run.chunks(iterator, done_queue=done_queue)
         clean = True
     finally:
+        if legs is not None:
+            legs.close(clean)
+            advice = legs.advice()
+            if on_advice is not None and clean:
+                on_advice(advice)
+        recorded(advice)
         if cluster is not None:  # weighed and chosen, but the run never got it
             cluster.shutdown(cancel=True)
         for timer in timers:
@@ -123,6 +129,241 @@ def run_auto(
             # wait for it after a normal end, leave it to finish after an error or once
             # it was reported as timed out.
             probe.join(None if clean and not abandoned else 0)
+
+
+def _verifiable(advice: Advice, opts: Options) -> bool:
+    """Whether the run checks the advice as it goes: a local parallel mode, measured."""
+    return (
+        advice.measured is not None
+        and advice.mode in ("threads", "processes")
+        and advice.reason in (Reason.WAITS, Reason.RELEASES_GIL, Reason.HOLDS_GIL)
+        and opts.address is None
+    )
+
+
+def _sized(
+    advice: Advice, opts: Options, total: int | None, sample: Sample | None
+) -> tuple[Options, ConcurrencyLimit | None]:
+    """The options for a run in the advised mode, and its adaptive limit if it has one."""
+    limit = None
+    workers = advice.workers
+    if advice.adaptive:
+        # Sampled tasks still finishing on the probe thread sit in the window without
+        # using one of the backend's threads: make room for them on top.
+        running = len(sample.groups) - sum(g.done for g in sample.groups) if sample else 0
+        high = min(THREADS_CAP, total) if total else THREADS_CAP
+        limit = ConcurrencyLimit(advice.workers + running, high=max(1, high + running))
+        workers = high  # threads start on demand; the limit decides how many
+    address = opts.address if advice.mode in ENGINES else None  # a local mode takes none
+    chosen = replace(opts, mode=advice.mode, workers=workers, address=address)  # type: ignore[arg-type]
+    return chosen, limit
+
+
+def _absorb_or_close(
+    run: Run,
+    sample: Sample | None,
+    probe: Probe | None,
+    sink: Sink,
+    opts: Options,
+    timers: list[threading.Timer],
+    abandoned: list[Group],
+) -> None:
+    if sample is None or probe is None:
+        return
+    try:
+        _absorb(run.scheduler, sample, probe, sink, opts.timeout, timers, abandoned)
+    except BaseException:
+        if run.started and not run.shared:
+            run.close()
+        raise
+
+
+class _Gate:
+    """The input of one leg: passes items on, and ends the leg once it is judged and the
+    rest goes elsewhere (the driver sees the input end; what it pulled still runs)."""
+
+    def __init__(self, items: Iterator[Any], check: Callable[[], bool | None] | None) -> None:
+        self._items = items
+        self._check = check
+        self.ended = False
+
+    def __iter__(self) -> _Gate:
+        return self
+
+    def __next__(self) -> Any:
+        if self._check is not None:
+            move = self._check()  # None: not judged yet
+            if move is not None:
+                self._check = None
+                if move:
+                    self.ended = True
+                    raise StopIteration
+        return next(self._items)
+
+
+#: The modes a run may move between on this machine.
+_LOCAL = ("sequential", "threads", "processes")
+
+
+class _Legs:
+    """One auto run as legs: each a mode on a part of the input, measured and judged.
+
+    Every mode keeps the backend it started until the run ends (a move back costs no
+    start-up); each leg's scheduler numbers items from where the last one stopped, so
+    results, errors and outcomes name positions in the whole input, and no item is
+    pulled by two legs. A leg ends only once all it pulled is done, so results keep
+    their order across a move.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        opts: Options,
+        advice: Advice,
+        sample: Sample,
+        *,
+        ordered: bool,
+        keep_all: bool,
+    ) -> None:
+        self._fn = fn
+        self._items = items
+        self._total = total_of(items)
+        self._opts = opts
+        self._advice = advice
+        self._sample = sample
+        self._ordered = ordered
+        self._keep_all = keep_all
+        self._backends: dict[str, Backend] = {}
+        self._progress = progress_for(opts.progress, f"auto → {advice.mode}", self._total)
+        self.legs = [_verify.Leg(advice.mode, advice.workers, advice.speedup)]
+
+    def first(self) -> Run:
+        """The first leg's run, in the advised mode (the sampled items go to it)."""
+        return self._run(self._advice, offset=0)
+
+    def chunks(
+        self, iterator: Iterator[Any], run: Run, done_queue: queue.SimpleQueue[Done]
+    ) -> Iterator[Chunk]:
+        """Drive leg after leg until the input is done."""
+        queue_for: queue.SimpleQueue[Done] | None = done_queue
+        while True:
+            gate = _Gate(iterator, self._check(run))
+            yield from run.chunks(gate, done_queue=queue_for, progress=self._progress)
+            if not gate.ended:
+                return
+            queue_for = None  # the sampled tasks all went to the first leg
+            leg = self.legs[-1]
+            leg.first = run.scheduler.pulled
+            run = self._run(self._advice_for(leg), offset=leg.first)
+
+    def advice(self) -> Advice:
+        """The advice the run started with, and the legs it ran."""
+        return replace(self._advice, legs=tuple(replace(leg) for leg in self.legs))
+
+    def close(self, clean: bool) -> None:
+        """Stop every backend the legs started."""
+        self._progress.close()
+        for backend in self._backends.values():
+            backend.shutdown(cancel=not clean)
+
+    def _check(self, run: Run) -> Callable[[], bool | None] | None:
+        """The gate's check for ``run``'s leg: ``None`` until it is measured and judged,
+        then whether the rest moves to another leg (appended to :attr:`legs`)."""
+        leg = self.legs[-1]
+        if leg.mode == "sequential" or len(self.legs) >= len(_LOCAL):
+            return None  # sequential is the yardstick, and after every mode ran, no more
+        wall = self._sample.per_task()[0]
+        batch = run.scheduler.sizer.size
+        round_time = wall * batch if batch > 1 or leg.mode != "processes" else BATCH_TARGET
+        meter = _verify.Meter(wall, max(wall, round_time))
+        sched = run.scheduler
+        seen = -1
+
+        def check() -> bool | None:
+            nonlocal seen
+            if sched.ran == seen:
+                return None
+            seen = sched.ran
+            if self._sample.has_running:
+                meter.restart()  # a sampled task still runs beside the leg
+                return None
+            measured = meter.observe(seen, time.perf_counter())
+            if measured is None:
+                return None
+            leg.measured, leg.tasks, leg.seconds = measured
+            go, promise = self._judge(sched, meter.per_task, max(wall, round_time))
+            if go == leg.mode:
+                return False
+            earlier = next((old for old in self.legs if old.mode == go), None)
+            if earlier is not None:
+                promise = (earlier.workers, earlier.measured or promise[1])
+            self.legs.append(_verify.Leg(go, *promise))
+            return True
+
+        return check
+
+    def _fresh(self) -> Measurements:
+        """The advice's measurements with the sampled tasks that finished since."""
+        m = self._advice.measured
+        assert m is not None  # _verifiable
+        wall, cpu, queued = self._sample.per_task()
+        return replace(m, wall=wall, cpu=cpu, queued=queued, lower_bound=False)
+
+    def _left(self, sched: Scheduler) -> int | None:
+        return None if self._total is None else max(0, self._total - sched.pulled)
+
+    def _judge(
+        self, sched: Scheduler, per_task: float, round_time: float
+    ) -> tuple[str, tuple[int, float]]:
+        m = self._fresh()
+        left = self._left(sched)
+        promises = alternatives(m, left, self._opts.workers)
+        starts = {
+            "processes": 0.0
+            if "processes" in self._backends
+            else m.overhead.get("processes-start", GUESSED_PROCESS_START)
+        }
+        work_left = (left if left is not None else ASSUMED_ITEMS) * per_task
+        go = _verify.judge(self.legs, promises, work_left, starts, round_time)
+        return go, promises.get(go, (1, 1.0))
+
+    def _advice_for(self, leg: _verify.Leg) -> Advice:
+        """Advice for a leg that the verification chose, from the freshest figures."""
+        m = self._fresh()
+        waits = m.cpu_share < 0.5 and self._opts.workers is None and leg.mode == "threads"
+        batch = max(1, min(MAX_BATCH, math.floor(BATCH_TARGET / max(m.wall, 1e-9))))
+        return Advice(
+            leg.mode,
+            leg.workers,
+            batch if leg.mode == "processes" else 1,
+            leg.predicted,
+            self._advice.reason,
+            m,
+            adaptive=waits,
+        )
+
+    def _run(self, advice: Advice, *, offset: int) -> Run:
+        left = None if self._total is None else self._total - offset
+        chosen, limit = _sized(advice, self._opts, left, self._sample if offset == 0 else None)
+        backend = self._backends.get(advice.mode)
+        if backend is None:
+            backend = make_backend(fitted(plan_for(self._fn, chosen), left), chosen)
+            self._backends[advice.mode] = backend  # stopped by close(), started or not
+            backend.start()
+        return start_run(
+            self._fn,
+            self._items if offset == 0 else (range(left) if left is not None else iter(())),
+            chosen,
+            ordered=self._ordered,
+            keep_all=self._keep_all,
+            backend=backend,
+            shared=True,
+            start=advice.batch if isinstance(advice.batch, int) else 1,
+            limit=limit,
+            label=f"auto → {advice.mode}",
+            offset=offset,
+        )
 
 
 def _absorb(

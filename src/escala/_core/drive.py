@@ -18,7 +18,7 @@ from typing import Any
 from .._errors import EscalaError
 from .._worker.messages import Done
 from ..backends.base import Backend
-from .progress import NO_PROGRESS, NoProgress, ProgressBar
+from .progress import NO_PROGRESS, Progress
 from .scheduler import Scheduler
 
 __all__ = ["Chunk", "adrive", "drive"]
@@ -33,7 +33,7 @@ def drive(
     items: Iterable[Any],
     *,
     owned: bool,
-    progress: ProgressBar | NoProgress = NO_PROGRESS,
+    progress: Progress = NO_PROGRESS,
     done_queue: queue.SimpleQueue[Done] | None = None,
 ) -> Iterator[Chunk]:
     """Run a whole input through ``backend``, yielding ``(indices, results)`` chunks.
@@ -104,7 +104,7 @@ async def adrive(
     items: Iterable[Any] | AsyncIterable[Any],
     *,
     owned: bool,
-    progress: ProgressBar | NoProgress = NO_PROGRESS,
+    progress: Progress = NO_PROGRESS,
 ) -> AsyncIterator[Chunk]:
     """The async twin of :func:`drive`: same scheduler, an ``asyncio.Queue`` for completions.
 

@@ -108,6 +108,7 @@ def make_scheduler(
     start: int = 1,
     keep_all: bool = False,
     limit: ConcurrencyLimit | None = None,
+    offset: int = 0,
 ) -> Scheduler:
     """Return the scheduler for one run.
 
@@ -133,6 +134,7 @@ def make_scheduler(
         window=options.window,
         lookahead=1 if plan.runs_on == "sequential" else (4 if keep_all else 2),
         limit=limit,
+        offset=offset,
     )
 
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["NO_PROGRESS", "NoProgress", "ProgressBar", "progress_for"]
+__all__ = ["NO_PROGRESS", "KeptOpen", "NoProgress", "Progress", "ProgressBar", "progress_for"]
+
+
+class Progress(Protocol):
+    """What a driver needs of a bar: count tasks handed back, and close at the end."""
+
+    def advance(self, count: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ProgressBar:
@@ -74,6 +82,20 @@ class NoProgress:
 
 
 NO_PROGRESS = NoProgress()
+
+
+class KeptOpen:
+    """A bar that a run advances but leaves open: it spans several runs, and its owner
+    closes it (``mode="auto"`` moving the rest of an input to another mode)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self._bar = bar
+
+    def advance(self, count: int) -> None:
+        self._bar.advance(count)
+
+    def close(self) -> None:
+        pass
 
 
 def progress_for(setting: bool | str, mode: str, total: int | None) -> ProgressBar | NoProgress:

@@ -26,7 +26,7 @@ from ..backends.base import Backend
 from .adaptive import ConcurrencyLimit
 from .drive import Chunk, adrive, drive
 from .plan import Plan, fitted, make_backend, make_scheduler, plan_for, total_of
-from .progress import progress_for
+from .progress import NO_PROGRESS, KeptOpen, Progress, progress_for
 from .scheduler import Scheduler
 
 __all__ = ["Run", "start_run"]
@@ -57,7 +57,11 @@ class Run:
     total: int | None
 
     def chunks(
-        self, items: Iterable[Any], *, done_queue: queue.SimpleQueue[Done] | None = None
+        self,
+        items: Iterable[Any],
+        *,
+        done_queue: queue.SimpleQueue[Done] | None = None,
+        progress: Progress | None = None,
     ) -> Iterator[Chunk]:
         """Drive the run on this thread; yield ``(input positions, results)`` chunks.
 
@@ -65,14 +69,17 @@ class Run:
             items: the input (or what is left of it), pulled lazily.
             done_queue: where completions arrive, when others than the backend report too
                 (the tasks that ``mode="auto"`` was still sampling when it decided).
+            progress: a bar shared with other runs over the same input (``mode="auto"``
+                when it moves), which this run advances and leaves open; by default the
+                run draws its own, as ``options.progress`` asks.
         """
-        progress = self._ready()
+        own = self._ready(progress is None)
         yield from drive(
             self.backend,
             self.scheduler,
             items,
             owned=not self.shared,
-            progress=progress,
+            progress=own if progress is None else KeptOpen(progress),
             done_queue=done_queue,
         )
 
@@ -89,11 +96,13 @@ class Run:
         if not self.shared:
             self.backend.shutdown(cancel=True)
 
-    def _ready(self) -> Any:
+    def _ready(self, progress: bool = True) -> Any:
         try:
             if not self.started:
                 self.started = True
                 self.backend.start()
+            if not progress:
+                return NO_PROGRESS
             return progress_for(self.options.progress, self.label, self.total)
         except BaseException:
             self.close()
@@ -113,6 +122,7 @@ def start_run(
     start: int = 1,
     limit: ConcurrencyLimit | None = None,
     label: str | None = None,
+    offset: int = 0,
     **extra: Any,
 ) -> Run:
     """Assemble one run of ``fn`` over ``items``: plan, backend and scheduler.
@@ -131,6 +141,8 @@ def start_run(
         start: the batch size to start from (a pool remembers each function's).
         limit: an adaptive concurrency limit for the window (waiting work on threads).
         label: the mode as the progress bar names it (default: the plan's mode).
+        offset: the input position of the first of ``items`` (a run that goes on where
+            another left off); results and errors name positions in the whole input.
         **extra: passed to the backend's constructor (the async backend's ``loop``).
     """
     if plan is None:
@@ -151,6 +163,7 @@ def start_run(
             start=start,
             keep_all=keep_all,
             limit=limit,
+            offset=offset,
         )
     except BaseException:
         if given and not shared:

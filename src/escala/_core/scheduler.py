@@ -121,6 +121,8 @@ class Scheduler:
         window: most tasks outstanding; ``None`` is ``lookahead × workers × batch size``.
         lookahead: batches per worker kept in flight so no worker waits for the next.
         limit: an adaptive concurrency limit; when given, it is the window (in batches).
+        offset: the input position of the first item this run pulls (a run that goes on
+            where another left off, as ``mode="auto"`` does when it moves).
         clock: monotonic time source.
         rand: uniform random source in [0, 1), for retry jitter.
     """
@@ -137,6 +139,7 @@ class Scheduler:
         window: int | None = None,
         lookahead: int = 2,
         limit: ConcurrencyLimit | None = None,
+        offset: int = 0,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -152,7 +155,7 @@ class Scheduler:
         self._clock = clock
         self._rand = rand
 
-        self._next_index = 0
+        self._next_index = offset
         self._input_done = False
         self._outstanding = 0  # pulled, not yet handed back
         self._in_flight = 0  # batches submitted, not yet done
@@ -164,9 +167,11 @@ class Scheduler:
         self._ready: deque[tuple[Sequence[int], list[Any]]] = deque()  # (indices, results)
         self._ready_count = 0
         self._reorder: dict[int, list[Any]] = {}  # first index -> consecutive entries
-        self._next_emit = 0
+        self._next_emit = offset
         self.error: BaseException | None = None
         self.batches_sent = 0
+        self.ran = 0  # tasks that ran to an outcome (attempts: a retried task counts again)
+        self.busy = 0.0  # seconds workers reported busy on them
 
     # -- input side -----------------------------------------------------------------
 
@@ -198,6 +203,11 @@ class Scheduler:
         if room < size and self._outstanding and self.window >= 2 * size:
             return 0
         return min(room, size)
+
+    @property
+    def pulled(self) -> int:
+        """The input position after the last item pulled (``offset`` + items pulled)."""
+        return self._next_index
 
     def take(self, items: list[Any], *, whole: bool = False) -> list[Batch]:
         """Accept items just pulled from the input; return the batches to send.
@@ -267,6 +277,8 @@ class Scheduler:
         batch = done.batch
         lost = done.lost
         ran = len(batch.items) - len(lost)
+        self.ran += ran
+        self.busy += done.busy
         self.sizer.observe(ran, done.busy)
         if self.limit is not None and ran > 0:
             failed = len(done.failures) if done.failures else 0

@@ -12,6 +12,8 @@ advised, keeping the sampled results; :func:`advise` only measures and returns t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import pickle
 import sys
 import time
@@ -25,17 +27,59 @@ from .._core.plan import ASYNC_LIMIT, is_async
 from .._options import Options
 from .._task import kind_of
 from .._worker.cpu import usable_cpus
-from ._advice import Advice, Cluster, Measurements, Reason
+from ._advice import Advice, Cluster, Leg, Measurements, Reason
 from ._cluster import weigh
 from ._decide import decide, decide_for_coroutine, decide_from_hint
 from ._overhead import overheads
 from ._probe import Probe, Sample, budget
 from ._rules import TINY_JOB, WATCH_LIMIT, WATCH_STEP
 
-__all__ = ["Advice", "Cluster", "Measurements", "Reason", "advise", "measure", "weigh"]
+__all__ = [
+    "Advice",
+    "Cluster",
+    "Leg",
+    "Measurements",
+    "Reason",
+    "advise",
+    "measure",
+    "recorded",
+    "recording",
+    "weigh",
+]
 
 
 _NONE: Any = object()
+_recorders: contextvars.ContextVar[tuple[list[Advice], ...]] = contextvars.ContextVar(
+    "escala_recorders", default=()
+)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Advice]]:
+    """Keep what every ``mode="auto"`` run in this block decided and verified.
+
+    Each run adds its :class:`Advice` when it ends (or fails), with :attr:`Advice.legs`
+    saying what it measured while running and where it moved::
+
+        with escala.advisor.recording() as runs:
+            escala.map(fn, items)
+        print(runs[-1].explain())
+
+    Blocks nest; each sees the runs inside it. Runs on other threads are not seen unless
+    the thread was started with this context.
+    """
+    runs: list[Advice] = []
+    token = _recorders.set((*_recorders.get(), runs))
+    try:
+        yield runs
+    finally:
+        _recorders.reset(token)
+
+
+def recorded(advice: Advice) -> None:
+    """Give ``advice`` (a finished run's) to every :func:`recording` block around it."""
+    for runs in _recorders.get():
+        runs.append(advice)
 
 
 def _pickled_size(obj: Any) -> int | None:

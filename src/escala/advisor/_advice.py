@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from ._explain import explain
 from ._rules import Reason
+from ._verify import Leg
 
-__all__ = ["Advice", "Cluster", "Measurements", "Reason"]
+__all__ = ["Advice", "Cluster", "Leg", "Measurements", "Reason"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,9 @@ class Advice:
         adaptive: concurrency adjusts itself during the run (I/O-bound work).
         cluster: the cluster named by ``address=``, with its measured figures and the
             predictions that decided (``None`` without an address).
+        legs: what a run in this mode verified as it went: the mode it started in, then
+            each it tried or moved to, with the speed-up measured (empty before a run, or
+            when it did not verify; see :func:`escala.advisor.recording`).
     """
 
     mode: str
@@ -129,6 +133,7 @@ class Advice:
     measured: Measurements | None = None
     adaptive: bool = False
     cluster: Cluster | None = None
+    legs: tuple[Leg, ...] = ()
 
     def explain(self) -> str:
         """Say in plain words what was measured and why this mode was chosen."""

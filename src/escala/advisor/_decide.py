@@ -28,6 +28,8 @@ from ._rules import (
     ASSUMED_ITEMS,
     BATCH_TARGET,
     CLUSTER_GAIN,
+    GUESSED_PROCESS_START,
+    GUESSED_PROCESS_TASK,
     MAX_BATCH,
     MIN_GAIN,
     PICKLE_RATE,
@@ -38,6 +40,7 @@ from ._rules import (
 
 __all__ = [
     "THREADS_CAP",
+    "alternatives",
     "decide",
     "decide_cluster",
     "decide_for_coroutine",
@@ -124,6 +127,53 @@ def _processes(m: Measurements, n: int, sequential: float) -> Advice:
         return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
     batch = max(1, min(16384, math.floor(BATCH_TARGET / max(m.wall, 1e-9))))
     return Advice("processes", workers, batch, speedup, Reason.HOLDS_GIL, m)
+
+
+def alternatives(
+    m: Measurements, remaining: int | None, workers: int | None = None
+) -> dict[str, tuple[int, float]]:
+    """What each local mode would give for the ``remaining`` items, whichever is chosen.
+
+    :func:`decide` picks one mode by rules; when the run finds that mode short of its
+    promise, it needs the others' promises from the same figures to know what is worth
+    trying. Each is ``(workers, speed-up over sequential)``:
+
+    - threads overlap waits; holding the GIL, their computing still runs one at a time
+      (``n × cpu`` at least), and without it one per core (``n × cpu / cores``);
+    - processes run one task each, computing or waiting, after they start, with sending
+      and receiving done in this process one after another;
+    - sequential is 1 by definition.
+
+    Args:
+        m: the measurements (the freshest: the run re-reads them).
+        remaining: items still to run (``None``: unknown, assumed many).
+        workers: the caller's choice of concurrency, which every mode keeps.
+    """
+    n = remaining if remaining is not None else ASSUMED_ITEMS
+    wall = max(m.wall, 1e-9)
+    compute = max(m.cpu, 1e-9)
+    wait = max(0.0, m.wall - m.queued - m.cpu)
+    sequential = n * wall
+    found = {"sequential": (1, 1.0)}
+    if n <= 0:
+        return found
+    gil_free = m.gil_held is False or m.free_threaded
+    threads = workers or (
+        _thread_count(m.cores, wait, compute, n) if wait >= compute else min(m.cores, n)
+    )
+    computing = n * min(compute, wall) / (m.cores if gil_free else 1)
+    threads_time = max(n * wall / threads, computing) + n * m.overhead.get("threads-task", 0.0)
+    found["threads"] = (threads, sequential / threads_time)
+    if m.picklable and m.cores > 1:
+        procs = workers or min(m.cores, n)
+        moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
+        # unmeasured when the rules never came near processes: a prior, which a trial
+        # replaces with what the run measures
+        per_task = m.overhead.get("processes-task", GUESSED_PROCESS_TASK)
+        start = m.overhead.get("processes-start", GUESSED_PROCESS_START)
+        predicted = start + n * (wall / procs + per_task + moved / PICKLE_RATE)
+        found["processes"] = (procs, sequential / predicted)
+    return found
 
 
 def decide_cluster(

@@ -8,6 +8,7 @@ from ._rules import CLUSTER_GAIN, Reason
 
 if TYPE_CHECKING:  # the types only: _advice imports this module to explain itself
     from ._advice import Advice, Cluster, Measurements
+    from ._verify import Leg
 
 __all__ = ["explain", "human_time"]
 
@@ -62,7 +63,44 @@ def explain(advice: Advice) -> str:
             "How many tasks run at once is adjusted during the run: raised while it pays, "
             "lowered when tasks slow down or fail."
         )
+    if advice.legs:
+        lines.append(_verified(advice.legs))
     return "\n".join(lines)
+
+
+def _verified(legs: tuple[Leg, ...]) -> str:
+    """What the run measured in each mode, and why it moved: one sentence per leg."""
+    first = legs[0]
+    if first.measured is None:
+        return f"The run ended in {first.mode} before there was enough of it to measure."
+    text = f"While running, {_delivered(first)}"
+    if len(legs) == 1:
+        verdict = "as predicted" if first.measured >= 0.75 * first.predicted else "short"
+        return text + f" ({verdict}), and nothing else promised enough to be worth a try."
+    for before, leg in zip(legs, legs[1:], strict=False):
+        earlier = any(old.mode == leg.mode for old in legs[: legs.index(leg)])
+        if leg.mode == "sequential":
+            why = "sequential is faster than that"
+        elif earlier:
+            why = "it had measured faster"
+        else:
+            why = f"it promised {leg.predicted:.1f}× from the figures measured so far"
+        text += (
+            f"; so the rest, from item #{leg.first} on, went to {leg.mode} ({why})"
+            if before is first
+            else f"; then the rest, from item #{leg.first} on, went to {leg.mode} ({why})"
+        )
+        if leg.measured is not None and leg.mode != "sequential":
+            text += f", which {_delivered(leg, named=False)}"
+    return text + "."
+
+
+def _delivered(leg: Leg, *, named: bool = True) -> str:
+    who = f"{leg.mode} ({leg.workers} at once) " if named else ""
+    return (
+        f"{who}ran at {leg.measured or 0:.2f}× sequential's speed over {leg.tasks:,} tasks "
+        f"({human_time(leg.seconds)}), for {leg.predicted:.1f}× predicted"
+    )
 
 
 def _measured(m: Measurements) -> str:

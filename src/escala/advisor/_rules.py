@@ -12,6 +12,8 @@ __all__ = [
     "ASSUMED_ITEMS",
     "BATCH_TARGET",
     "CLUSTER_GAIN",
+    "GUESSED_PROCESS_START",
+    "GUESSED_PROCESS_TASK",
     "MAX_BATCH",
     "MIN_GAIN",
     "PICKLE_RATE",
@@ -62,3 +64,8 @@ MAX_BATCH = 16384
 #: starting processes costs: by then processes would have paid for themselves many times.
 WATCH_STEP = 0.002
 WATCH_LIMIT = 4.0
+#: What starting worker processes, and a task in them, are taken to cost where they were
+#: never measured (the rules did not come near processes): only to judge whether trying
+#: them may pay; the trial itself measures.
+GUESSED_PROCESS_START = 0.1
+GUESSED_PROCESS_TASK = 2e-4
