@@ -10,6 +10,7 @@ no item runs twice, order, outcomes, retries, timeouts and Ctrl-C hold across a 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import pathlib
 import signal
@@ -109,22 +110,22 @@ def test_the_meter_starts_again_when_told() -> None:
 
 
 def figures(**changes: Any) -> Measurements:
-    base = dict(
-        samples=4,
-        lower_bound=False,
-        wall=0.05,
-        cpu=0.012,
-        queued=0.0,
-        gil_held=True,
-        gil_wait=0.005,
-        free_threaded=False,
-        arg_bytes=30,
-        result_bytes=30,
-        picklable=True,
-        total=1000,
-        cores=2,
-        overhead={"threads-task": 5e-5, "processes-start": 0.04, "processes-task": 1e-4},
-    )
+    base = {
+        "samples": 4,
+        "lower_bound": False,
+        "wall": 0.05,
+        "cpu": 0.012,
+        "queued": 0.0,
+        "gil_held": True,
+        "gil_wait": 0.005,
+        "free_threaded": False,
+        "arg_bytes": 30,
+        "result_bytes": 30,
+        "picklable": True,
+        "total": 1000,
+        "cores": 2,
+        "overhead": {"threads-task": 5e-5, "processes-start": 0.04, "processes-task": 1e-4},
+    }
     return Measurements(**{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -171,7 +172,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     monkeypatch.setattr(_verify, "judge", judge)
     monkeypatch.setattr(_verify, "SPAN", 0.0)
     monkeypatch.setattr(_verify, "ROUNDS", 0)
-    yield script
+    return script
 
 
 MOVES = {
@@ -197,7 +198,7 @@ def test_a_move_runs_every_item_once_in_order(
     assert sorted(int(p.name) for p in tmp_path.iterdir()) == list(range(300))
     assert "-".join(ran(runs)) == moves
     legs = runs[-1].legs
-    assert all(a.first < b.first for a, b in zip(legs, legs[1:], strict=False))
+    assert all(a.first < b.first for a, b in itertools.pairwise(legs))
     if "processes" in moves:
         assert len(pids_of(tmp_path)) > 1  # the worker processes ran some
 

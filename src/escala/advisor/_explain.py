@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 from ._rules import CLUSTER_GAIN, Reason
@@ -77,7 +78,7 @@ def _verified(legs: tuple[Leg, ...]) -> str:
     if len(legs) == 1:
         verdict = "as predicted" if first.measured >= 0.75 * first.predicted else "short"
         return text + f" ({verdict}), and nothing else promised enough to be worth a try."
-    for before, leg in zip(legs, legs[1:], strict=False):
+    for before, leg in itertools.pairwise(legs):
         earlier = any(old.mode == leg.mode for old in legs[: legs.index(leg)])
         if leg.mode == "sequential":
             why = "sequential is faster than that"
