@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -126,7 +125,7 @@ def figures(**changes: Any) -> Measurements:
         "cores": 2,
         "overhead": {"threads-task": 5e-5, "processes-start": 0.04, "processes-task": 1e-4},
     }
-    return Measurements(**{**base, **changes})  # type: ignore[arg-type]
+    return Measurements(**{**base, **changes})
 
 
 def test_the_promises_of_work_that_waits_favour_threads() -> None:
@@ -162,7 +161,7 @@ def pids_of(folder: pathlib.Path) -> set[int]:
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def scripted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Judge at the first completion after the start, moving as the test's list says."""
     script: list[str] = []
 
