@@ -254,7 +254,7 @@ def test_retries_keep_their_meaning_across_moves(
 ) -> None:
     scripted.extend(MOVES[moves])
     task = functools.partial(flaky_once, str(tmp_path))
-    retry = escala.Retry(attempts=2, on=ConnectionError, backoff=0.0)
+    retry = escala.Retry(attempts=2, on=(ConnectionError,), backoff=0.0)
     with escala.advisor.recording() as runs:
         outcomes = escala.map(task, range(200), retries=retry, errors="collect")
     assert "-".join(ran(runs)) == moves
