@@ -45,8 +45,9 @@ class Service:
         return rate
 
 
-def run(limit: ConcurrencyLimit, service: Service, intervals: int, failing: int = 0) -> None:
-    """Let the controller steer ``service`` for some intervals of 0.1 s."""
+def run(limit: ConcurrencyLimit, service: Service, intervals: int, failing: float = 0.0) -> None:
+    """Let the controller steer ``service`` for some intervals of 0.1 s, with ``failing``
+    the share of tasks that fail."""
     now = 0.0
     limit.record(0, 0, 0.0, now)  # the measuring window opens
     limit.record(8, 0, service.base, 0.01)  # the first tasks met no queue
@@ -54,7 +55,7 @@ def run(limit: ConcurrencyLimit, service: Service, intervals: int, failing: int 
     for _ in range(intervals):
         now += 0.1
         tasks = max(limit.min_samples, round(service.rate(limit.value) * 0.1))
-        limit.record(tasks, failing, service.latency(limit.value), now)
+        limit.record(tasks, round(failing * tasks), service.latency(limit.value), now)
 
 
 def test_the_limit_grows_while_throughput_grows() -> None:
@@ -92,6 +93,22 @@ def test_failures_halve_the_limit() -> None:
     assert limit.value == 16
 
 
+def test_a_steady_share_of_failures_does_not_bring_the_limit_down() -> None:
+    """5 % of the tasks fail whatever the concurrency: their own failures, not shedding."""
+    limit = ConcurrencyLimit(8, high=200)
+    run(limit, Service(), intervals=12, failing=0.05)
+    assert limit.value >= 50
+
+
+def test_failures_that_rise_above_the_usual_share_halve_the_limit() -> None:
+    limit = ConcurrencyLimit(40, high=100)
+    limit.record(0, 0, 0.0, 0.0)
+    limit.record(100, 5, 0.01, 0.1)  # 5 %: the usual share
+    before = limit.value
+    limit.record(100, 30, 0.01, 0.2)  # 30 %: shedding
+    assert limit.value == before // 2
+
+
 def test_a_plateau_does_not_make_the_limit_drift_up() -> None:
     limit = ConcurrencyLimit(8, high=200)
     flat = Service(capacity=8)  # 8 at once is all it serves; latency alone grows past it
@@ -102,7 +119,9 @@ def test_a_plateau_does_not_make_the_limit_drift_up() -> None:
 def test_the_limit_stays_within_its_bounds() -> None:
     limit = ConcurrencyLimit(500, low=2, high=50)
     assert limit.value == 50
-    run(limit, Service(), intervals=20, failing=5)
+    limit.record(0, 0, 0.0, 0.0)
+    for step in range(1, 8):  # ever more failures: halved each time, down to the floor
+        limit.record(100, 10 + 12 * step, 0.01, 0.1 * step)
     assert limit.value == 2
 
 

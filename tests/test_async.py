@@ -206,3 +206,46 @@ def test_plain_map_of_a_coroutine_function_from_inside_a_running_loop() -> None:
         return escala.map(task, range(5), mode="async")
 
     assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+
+
+def _meeting(count: int) -> tuple[Gauge, object]:
+    """A coroutine function whose calls all wait until ``count`` of them are awaiting."""
+    gauge = Gauge()
+    arrived: list[asyncio.Event] = []
+
+    async def meet(x: int) -> int:
+        if not arrived:
+            arrived.append(asyncio.Event())
+        with gauge:
+            if gauge.now >= count:
+                arrived[0].set()
+            await asyncio.wait_for(arrived[0].wait(), timeout=30)  # a bug fails, not hangs
+        return x
+
+    return gauge, meet
+
+
+@pytest.mark.parametrize("call", ["map", "imap", "amap"])
+def test_by_default_coroutines_start_hundreds_at_once(call: str) -> None:
+    """300 coroutines meet before any returns: more than a fixed limit of 100 lets in."""
+    gauge, meet = _meeting(300)
+    if call == "map":
+        results = escala.map(meet, range(300))  # type: ignore[arg-type]
+    elif call == "imap":
+        results = list(escala.imap(meet, range(300)))  # type: ignore[arg-type]
+    else:
+        results = asyncio.run(escala.amap(meet, range(300)))  # type: ignore[arg-type]
+    assert results == list(range(300))
+    assert gauge.most >= 300
+
+
+def test_a_limit_given_is_kept() -> None:
+    gauge = Gauge()
+
+    async def task(x: int) -> int:
+        with gauge:
+            await asyncio.sleep(0.001)
+        return x
+
+    assert escala.map(task, range(200), workers=20) == list(range(200))
+    assert gauge.most <= 20

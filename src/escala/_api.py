@@ -13,9 +13,19 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 from ._auto import run_auto
+from ._core.adaptive import for_coroutines
 from ._core.drive import Chunk
-from ._core.plan import check_arguments, collect, is_async, place, plan_for, values_of
-from ._core.run import start_run
+from ._core.plan import (
+    Plan,
+    check_arguments,
+    collect,
+    is_async,
+    place,
+    plan_for,
+    total_of,
+    values_of,
+)
+from ._core.run import Run, start_run
 from ._core.scheduler import Outcome, iteration_error, task_stop
 from ._options import ErrorPolicy, Options, RunOptions
 
@@ -113,7 +123,7 @@ def map(
             if stop is None:
                 raise
         raise stop  # what a task raised, out of the handler (see collect)
-    run = start_run(fn, items, opts, ordered=False, keep_all=True, plan=plan)
+    run = _start(fn, items, opts, ordered=False, keep_all=True, plan=plan)
     return collect(run.chunks(items))
 
 
@@ -122,8 +132,9 @@ def _resolve(fn: Callable[..., Any], opts: Options) -> Options:
     if opts.mode in (None, "auto"):
         if is_async(fn):
             # a coroutine function runs on this machine's event loop: nothing is measured,
-            # so a cluster named by address= is not weighed
-            return replace(opts, mode="async", address=None)
+            # so a cluster named by address= is not weighed; mode None is the default's
+            # async, whose limit escala adapts (see _start)
+            return replace(opts, mode=None, address=None)
         return replace(opts, mode="auto")
     return opts
 
@@ -164,7 +175,7 @@ def imap(
     check_arguments(fn, items)
     if opts.mode == "auto":
         return values_of(run_auto(fn, items, opts, ordered=ordered))
-    return values_of(start_run(fn, items, opts, ordered=ordered).chunks(items))
+    return values_of(_start(fn, items, opts, ordered=ordered).chunks(items))
 
 
 # -- amap / aimap ---------------------------------------------------------------------
@@ -189,7 +200,10 @@ async def amap(
     Args:
         fn: the task, ``async`` or plain.
         items: an iterable or an async iterable, pulled lazily.
-        limit: most tasks at once (the same as ``workers``); 100 by default for async.
+        limit: most tasks at once (the same as ``workers``). By default coroutines start
+            512 at once and the run adapts the limit (higher while throughput rises, lower
+            when latency shows them queueing or failures rise); plain functions run on
+            threads.
         errors: ``"raise"``, or ``"collect"`` for an :class:`Outcome` per item.
         options: an :class:`Options` to start from.
         **kwargs: as for :func:`map`.
@@ -287,6 +301,28 @@ async def _arun(
     extra: dict[str, Any] = {}
     if plan.runs_on == "async":
         extra["loop"] = asyncio.get_running_loop()
-    run = start_run(fn, items, opts, ordered=ordered, keep_all=keep_all, plan=plan, **extra)
+    run = _start(fn, items, opts, ordered=ordered, keep_all=keep_all, plan=plan, **extra)
     async for chunk in run.achunks(items):
         yield chunk
+
+
+def _start(
+    fn: Callable[..., Any],
+    items: object,
+    opts: Options,
+    *,
+    ordered: bool,
+    keep_all: bool = False,
+    plan: Plan | None = None,
+    **extra: Any,
+) -> Run:
+    """``start_run``, with the adaptive limit when escala chooses how many coroutines
+    await at once (the default mode, no ``workers``/``limit`` given)."""
+    plan = plan or plan_for(fn, opts)
+    limit = None
+    if plan.runs_on == "async" and opts.mode is None and opts.workers is None:
+        limit = for_coroutines(total_of(items))
+        plan = replace(plan, workers=limit.high)
+    return start_run(
+        fn, items, opts, ordered=ordered, keep_all=keep_all, plan=plan, limit=limit, **extra
+    )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from ._core.adaptive import ConcurrencyLimit
+from ._core.adaptive import ConcurrencyLimit, for_coroutines
 from ._core.drive import Chunk
 from ._core.plan import fitted, make_backend, plan_for, total_of
 from ._core.progress import progress_for
@@ -147,7 +147,10 @@ def _sized(
     """The options for a run in the advised mode, and its adaptive limit if it has one."""
     limit = None
     workers = advice.workers
-    if advice.adaptive:
+    if advice.adaptive and advice.mode == "async":
+        limit = for_coroutines(total)
+        workers = limit.high  # the backend's own bound; the limit decides how many
+    elif advice.adaptive:
         # Sampled tasks still finishing on the probe thread sit in the window without
         # using one of the backend's threads: make room for them on top.
         running = len(sample.groups) - sum(g.done for g in sample.groups) if sample else 0

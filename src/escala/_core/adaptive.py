@@ -13,7 +13,8 @@ gradient as a brake. Each interval it compares throughput with the interval befo
 - after a fall: throughput fell, so go back up; else hold;
 - with no change to judge: latency far above the lowest seen means tasks are queueing
   (scale down by that ratio); otherwise probe with a rise;
-- any failed task halves the limit (the service may be shedding load).
+- failures well above the lowest share seen halve the limit (the service may be shedding
+  load); a steady share of failures is the tasks' own, and no reason to slow down.
 
 No I/O, no clock of its own: the scheduler feeds it completions and the time.
 """
@@ -23,12 +24,20 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-__all__ = ["ConcurrencyLimit"]
+__all__ = ["ASYNC_CAP", "ASYNC_START", "ConcurrencyLimit", "for_coroutines"]
 
 #: A change of throughput smaller than this is noise.
 NOISE = 0.05
 #: Latency this many times the lowest seen means tasks queue somewhere.
 QUEUEING = 3.0
+#: A share of failed tasks this much above the lowest seen means the service sheds load.
+SHEDDING = 0.1
+#: Where coroutines start when escala chooses how many await at once: one that waits
+#: costs a few kilobytes, so hundreds at once are cheap, and the latency brake brings the
+#: limit down where what they wait on slows with the crowd...
+ASYNC_START = 512
+#: ...and the most it may climb to.
+ASYNC_CAP = 8192
 
 
 @dataclass
@@ -54,6 +63,7 @@ class ConcurrencyLimit:
     _failed: int = 0
     _latencies: list[float] = field(default_factory=list)
     _base_latency: float | None = None
+    _base_failures: float | None = None  # the lowest share of failures in an interval
     _last_rate: float | None = None
     _last_latency: float | None = None
     _previous: int | None = None  # the limit before the last change
@@ -87,7 +97,10 @@ class ConcurrencyLimit:
     def _adjust(self, rate: float, now: float) -> None:
         old = self.value
         latency = statistics.median(self._latencies) if self._latencies else None
-        if self._failed:
+        failures = self._failed / self._done if self._done else 0.0
+        base = self._base_failures
+        self._base_failures = failures if base is None else min(base, failures)
+        if failures > (base or 0.0) + SHEDDING:
             new = old // 2
         else:
             new = self._climb(old, rate, latency)
@@ -121,3 +134,9 @@ class ConcurrencyLimit:
         if queueing and latency is not None and self._base_latency is not None:
             return int(old * max(0.5, self._base_latency / latency))
         return old + max(2, old // 2)
+
+
+def for_coroutines(total: int | None) -> ConcurrencyLimit:
+    """The adaptive limit for coroutines when the caller did not fix one."""
+    high = min(ASYNC_CAP, total) if total else ASYNC_CAP
+    return ConcurrencyLimit(min(ASYNC_START, high), high=max(1, high))

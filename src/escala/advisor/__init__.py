@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 
-from .._core.plan import ASYNC_LIMIT, is_async
+from .._core.plan import is_async
 from .._options import Options
 from .._task import kind_of
 from .._worker.cpu import usable_cpus
@@ -124,7 +124,7 @@ def measure(
     """
     cores = usable_cpus()
     if is_async(fn):
-        advice = decide_for_coroutine(workers or ASYNC_LIMIT)
+        advice = decide_for_coroutine(workers)
         return _with_workers(advice, workers), None, None
     hint = kind_of(fn)
     if hint is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from .._core.adaptive import ASYNC_START
 from ._advice import Advice, Cluster, Measurements
 from ._rules import (
     ASSUMED_ITEMS,
@@ -48,9 +49,12 @@ __all__ = [
 ]
 
 
-def decide_for_coroutine(workers: int) -> Advice:
-    """Coroutine functions run on asyncio, no measuring needed."""
-    return Advice("async", workers, 1, float(workers), Reason.COROUTINE, adaptive=False)
+def decide_for_coroutine(workers: int | None) -> Advice:
+    """Coroutine functions run on asyncio, no measuring needed; unless the caller fixes
+    how many at once, they start at ``ASYNC_START`` and the run adapts the limit."""
+    if workers is not None:
+        return Advice("async", workers, 1, float(workers), Reason.COROUTINE)
+    return Advice("async", ASYNC_START, 1, float(ASYNC_START), Reason.COROUTINE, adaptive=True)
 
 
 def decide_from_hint(kind: str, cores: int, picklable: bool) -> Advice:

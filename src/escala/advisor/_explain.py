@@ -40,7 +40,13 @@ def explain(advice: Advice) -> str:
     if reason is Reason.COROUTINE:
         lines.append(
             "The function is a coroutine function (async def): its waits overlap on one "
-            f"event loop, so async was chosen, at most {advice.workers} tasks at once."
+            "event loop, so async was chosen, "
+            + (
+                f"starting with {advice.workers} tasks at once (a waiting coroutine costs a "
+                "few kilobytes)."
+                if advice.adaptive
+                else f"at most {advice.workers} tasks at once."
+            )
         )
     elif reason is Reason.HINT_IO:
         lines.append(
