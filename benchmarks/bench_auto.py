@@ -218,6 +218,7 @@ class Judged:
     choice: str
     walls: dict[Config, float] = field(default_factory=dict)
     failed: dict[Config, str] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)  # what each auto run did, leg by leg
 
     @property
     def sequential(self) -> float:
@@ -253,12 +254,34 @@ def fixed_configs(workload: Workload, n: int) -> list[Config]:
     return configs
 
 
-def runner(workload: Workload, items: list[Any], config: Config) -> Callable[[], list[Any]]:
+def runner(
+    workload: Workload, items: list[Any], config: Config, ran: list[str] | None = None
+) -> Callable[[], list[Any]]:
     mode, workers = config
     kwargs: dict[str, Any] = {"mode": mode, "errors": workload.errors}
     if workers is not None:
         kwargs["workers"] = workers
-    return lambda: escala.map(workload.fn, items, **kwargs)
+    if ran is None:
+        return lambda: escala.map(workload.fn, items, **kwargs)
+
+    def recorded() -> list[Any]:
+        with escala.advisor.recording() as runs:
+            out = escala.map(workload.fn, items, **kwargs)
+        ran.append(legs_of(runs[-1]) if runs else "")
+        return out
+
+    return recorded
+
+
+def legs_of(advice: escala.Advice) -> str:
+    """What an auto run did: its mode, then each leg it moved to, from which item."""
+    if not advice.legs:
+        return f"{advice.mode}×{advice.workers} ({advice.reason.value})"
+    first, *rest = advice.legs
+    text = f"{first.mode}×{first.workers}"
+    for leg in rest:
+        text += f" → {leg.mode}×{leg.workers} @{leg.first}"
+    return text
 
 
 def comparable(results: list[Any]) -> list[Any]:
@@ -287,7 +310,8 @@ def judge(workload: Workload, repeat: int) -> Judged:
         for _ in range(repeat):
             for config in configs:
                 if config not in judged.failed:
-                    _time_one(judged, config, runner(workload, items, config), expect)
+                    ran = judged.ran if config == AUTO else None
+                    _time_one(judged, config, runner(workload, items, config, ran), expect)
     return judged
 
 
@@ -315,7 +339,7 @@ def unseen(repeat: int) -> Table:
         f"Unseen workloads: auto against every fixed mode, swept over workers (best of {repeat})",
         [
             "workload", "class", "items", "sequential", "best fixed", "best",
-            "auto", "auto ÷ best", "auto ÷ seq", "auto chose (advise)",
+            "auto", "auto ÷ best", "auto ÷ seq", "auto ran (last run; → a move @ from item)",
         ],
     )  # fmt: skip
     judged = []
@@ -341,7 +365,7 @@ def _row(one: Judged) -> list[str]:
     if one.auto is None:
         return [*head, one.failed.get(AUTO, "—"), "—", "—", one.choice]
     ratios = [f"{one.auto / best:.2f}×", f"{one.auto / one.sequential:.2f}×"]
-    return [*head, secs(one.auto), *ratios, one.choice]
+    return [*head, secs(one.auto), *ratios, one.ran[-1] if one.ran else one.choice]
 
 
 def _targets(one: Judged) -> list[tuple[str, str, str]]:

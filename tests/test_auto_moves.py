@@ -84,6 +84,14 @@ def test_a_mode_that_met_a_low_promise_still_tries_a_much_higher_one() -> None:
     assert _verify.judge([leg("processes", 2.0, 1.95)], promises, LOTS, {}) == "threads"
 
 
+def test_figures_completed_after_the_decision_can_move_the_rest_at_once() -> None:
+    promises = {"sequential": (1, 1.0), "threads": (8, 4.3), "processes": (2, 2.0)}
+    assert _verify.redecide("processes", promises, LOTS, {}) == "threads"
+    assert _verify.redecide("threads", promises, LOTS, {"processes": 0.05}) == "threads"
+    close = {"sequential": (1, 1.0), "threads": (2, 2.1), "processes": (2, 1.9)}
+    assert _verify.redecide("processes", close, LOTS, {}) == "processes"
+
+
 def test_the_meter_waits_for_its_span_and_counts_from_its_first_look() -> None:
     meter = _verify.Meter(per_task=0.01, round_time=0.01)  # span: max(0.1, 5 × 0.01)
     assert meter.observe(3, now=0.0) is None  # the start

@@ -240,6 +240,10 @@ class _Legs:
         self._backends: dict[str, Backend] = {}
         self._progress = progress_for(opts.progress, f"auto → {advice.mode}", self._total)
         self.legs = [_verify.Leg(advice.mode, advice.workers, advice.speedup)]
+        # a sampled task was still running at the decision: its figures were partial, and
+        # the decision is taken again when it ends
+        decided = advice.measured.wall if advice.measured is not None else 0.0
+        self._partial = sample.has_running or sample.per_task()[0] > 1.1 * decided
 
     def first(self) -> Run:
         """The first leg's run, in the advised mode (the sampled items go to it)."""
@@ -291,11 +295,17 @@ class _Legs:
             if self._sample.has_running:
                 meter.restart()  # a sampled task still runs beside the leg
                 return None
+            if self._partial:
+                self._partial = False
+                go, promise = self._judge(sched, max(wall, round_time), again=leg.mode)
+                if go != leg.mode:
+                    self.legs.append(_verify.Leg(go, *promise))
+                    return True
             measured = meter.observe(seen, time.perf_counter())
             if measured is None:
                 return None
             leg.measured, leg.tasks, leg.seconds = measured
-            go, promise = self._judge(sched, meter.per_task, max(wall, round_time))
+            go, promise = self._judge(sched, max(wall, round_time))
             if go == leg.mode:
                 return False
             earlier = next((old for old in self.legs if old.mode == go), None)
@@ -317,8 +327,10 @@ class _Legs:
         return None if self._total is None else max(0, self._total - sched.pulled)
 
     def _judge(
-        self, sched: Scheduler, per_task: float, round_time: float
+        self, sched: Scheduler, round_time: float, again: str | None = None
     ) -> tuple[str, tuple[int, float]]:
+        """Where the rest goes: judged on the last leg's measurement, or decided ``again``
+        for that mode on figures completed since (:func:`_verify.redecide`)."""
         m = self._fresh()
         left = self._left(sched)
         promises = alternatives(m, left, self._opts.workers)
@@ -327,8 +339,11 @@ class _Legs:
             if "processes" in self._backends
             else m.overhead.get("processes-start", GUESSED_PROCESS_START)
         }
-        work_left = (left if left is not None else ASSUMED_ITEMS) * per_task
-        go = _verify.judge(self.legs, promises, work_left, starts, round_time)
+        work_left = (left if left is not None else ASSUMED_ITEMS) * m.wall
+        if again is not None:
+            go = _verify.redecide(again, promises, work_left, starts, round_time)
+        else:
+            go = _verify.judge(self.legs, promises, work_left, starts, round_time)
         return go, promises.get(go, (1, 1.0))
 
     def _advice_for(self, leg: _verify.Leg) -> Advice:

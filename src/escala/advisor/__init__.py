@@ -159,6 +159,10 @@ def measure(
             contended=sample.has_running,
         )
     )
+    if overhead:
+        # measuring hand-offs took a while: a sampled task may have ended meanwhile, and
+        # its whole figures decide better than the part seen when the window closed
+        wall, cpu, queued = sample.per_task()
     measured = Measurements(
         samples=ran,
         lower_bound=sample.lower_bound,

@@ -96,11 +96,20 @@ def decide(m: Measurements, remaining: int | None) -> Advice:
         adaptive = False
     else:
         return _processes(m, n, sequential)
-    threads_time = n * wall / workers + n * m.overhead.get("threads-task", 0.0)
-    speedup = sequential / threads_time
+    speedup = _threads_speedup(m, n, workers)
     if speedup < MIN_GAIN:
         return Advice("sequential", 1, "auto", 1.0, Reason.TOO_SMALL, m)
     return Advice("threads", workers, 1, speedup, reason, m, adaptive=adaptive)
+
+
+def _threads_speedup(m: Measurements, n: int, workers: int) -> float:
+    """Threads overlap waits; holding the GIL, their computing still runs one at a time
+    (``n × cpu`` at least), and without it one per core (``n × cpu / cores``)."""
+    wall = max(m.wall, 1e-9)
+    gil_free = m.gil_held is False or m.free_threaded
+    computing = n * min(m.cpu, wall) / (m.cores if gil_free else 1)
+    threads_time = max(n * wall / workers, computing) + n * m.overhead.get("threads-task", 0.0)
+    return n * wall / threads_time
 
 
 def _thread_count(cores: int, wait: float, compute: float, n: int) -> int:
@@ -142,8 +151,7 @@ def alternatives(
     promise, it needs the others' promises from the same figures to know what is worth
     trying. Each is ``(workers, speed-up over sequential)``:
 
-    - threads overlap waits; holding the GIL, their computing still runs one at a time
-      (``n × cpu`` at least), and without it one per core (``n × cpu / cores``);
+    - threads as :func:`_threads_speedup` says;
     - processes run one task each, computing or waiting, after they start, with sending
       and receiving done in this process one after another;
     - sequential is 1 by definition.
@@ -161,13 +169,10 @@ def alternatives(
     found = {"sequential": (1, 1.0)}
     if n <= 0:
         return found
-    gil_free = m.gil_held is False or m.free_threaded
     threads = workers or (
         _thread_count(m.cores, wait, compute, n) if wait >= compute else min(m.cores, n)
     )
-    computing = n * min(compute, wall) / (m.cores if gil_free else 1)
-    threads_time = max(n * wall / threads, computing) + n * m.overhead.get("threads-task", 0.0)
-    found["threads"] = (threads, sequential / threads_time)
+    found["threads"] = (threads, _threads_speedup(m, n, threads))
     if m.picklable and m.cores > 1:
         procs = workers or min(m.cores, n)
         moved = (m.arg_bytes or 0) + (m.result_bytes or 0)

@@ -6,6 +6,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 from ._rules import CLUSTER_GAIN, Reason
+from ._verify import MET
 
 if TYPE_CHECKING:  # the types only: _advice imports this module to explain itself
     from ._advice import Advice, Cluster, Measurements
@@ -78,11 +79,17 @@ def explain(advice: Advice) -> str:
 def _verified(legs: tuple[Leg, ...]) -> str:
     """What the run measured in each mode, and why it moved: one sentence per leg."""
     first = legs[0]
-    if first.measured is None:
+    if first.measured is None and len(legs) == 1:
         return f"The run ended in {first.mode} before there was enough of it to measure."
-    text = f"While running, {_delivered(first)}"
+    if first.measured is None:
+        text = (
+            "When the sampled task that was still running ended, its whole figures "
+            f"changed the promises ({first.mode}: {first.predicted:.1f}× from part of them)"
+        )
+    else:
+        text = f"While running, {_delivered(first)}"
     if len(legs) == 1:
-        verdict = "as predicted" if first.measured >= 0.75 * first.predicted else "short"
+        verdict = "as predicted" if (first.measured or 0.0) >= MET * first.predicted else "short"
         return text + f" ({verdict}), and nothing else promised enough to be worth a try."
     for before, leg in itertools.pairwise(legs):
         earlier = any(old.mode == leg.mode for old in legs[: legs.index(leg)])

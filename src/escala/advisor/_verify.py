@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MET", "NOISE", "PAYBACK", "TRIAL_GAIN", "Leg", "Meter", "judge"]
+__all__ = ["MET", "NOISE", "PAYBACK", "TRIAL_GAIN", "Leg", "Meter", "judge", "redecide"]
 
 #: A mode that delivers this share of its predicted speed-up is verified: it stays.
 MET = 0.75
@@ -92,6 +92,26 @@ class Meter:
             return None
         tasks = ran - ran0
         return tasks * self.per_task / seconds, tasks, seconds
+
+
+def redecide(
+    mode: str,
+    promises: dict[str, tuple[int, float]],
+    work_left: float,
+    start_costs: dict[str, float],
+    round_time: float = 0.0,
+) -> str:
+    """Decide again once the figures the decision had were completed.
+
+    A task still running when the decision came gave only part of its figures (a task
+    that computes first and waits after looks like pure computing); when it ends, what
+    each mode promises may change before ``mode`` has run long enough to be measured.
+    Another mode is tried at once when it now promises ``TRIAL_GAIN`` times what ``mode``
+    does and the time saved pays for trying; otherwise ``mode`` stays, to be measured.
+    """
+    current = promises.get(mode, (1, 1.0))[1]
+    leg = Leg(mode, 1, current, measured=current)
+    return judge([leg], promises, work_left, start_costs, round_time)
 
 
 def judge(
