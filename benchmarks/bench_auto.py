@@ -333,8 +333,10 @@ def _time_one(judged: Judged, config: Config, run: Callable[[], list[Any]], expe
     judged.walls[config] = min(wall, judged.walls.get(config, float("inf")))
 
 
-def unseen(repeat: int) -> Table:
-    """Auto against the best fixed configuration on the workloads of ``auto_workloads``."""
+def unseen(repeat: int, only: list[str] | None = None) -> Table:
+    """Auto against the best fixed configuration on the workloads of ``auto_workloads``
+    (those named in ``only``, when given)."""
+    workloads = [w for w in WORKLOADS if only is None or w.name in only]
     table = Table(
         f"Unseen workloads: auto against every fixed mode, swept over workers (best of {repeat})",
         [
@@ -344,14 +346,14 @@ def unseen(repeat: int) -> Table:
     )  # fmt: skip
     judged = []
     started = time.perf_counter()
-    for i, workload in enumerate(WORKLOADS, 1):
+    for i, workload in enumerate(workloads, 1):
         judged.append(one := judge(workload, repeat))
         table.rows.append(_row(one))
         table.targets += _targets(one)
         row = "  ".join(table.rows[-1][3:])
         elapsed = time.perf_counter() - started
         print(
-            f"[{i:2}/{len(WORKLOADS)}] {one.name:<18} {row}  ({elapsed:.0f} s)",
+            f"[{i:2}/{len(workloads)}] {one.name:<18} {row}  ({elapsed:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
@@ -483,7 +485,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--markdown", metavar="PATH")
+    parser.add_argument("--only", metavar="NAMES", help="unseen workloads to run, comma-separated")
     args = parser.parse_args()
+    only = args.only.split(",") if args.only else None
     header = [
         f"- Machine: {machine_line()}",
         f"- Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
@@ -495,7 +499,7 @@ def main() -> None:
     started = time.perf_counter()
     tables = builtin(args.scale, args.repeat) if args.suite != "unseen" else []
     if args.suite != "builtin":
-        tables.append(unseen(args.repeat))
+        tables.append(unseen(args.repeat, only))
     for table in tables:
         show(table)
     print(f"\n{time.perf_counter() - started:.0f} s in all")

@@ -83,13 +83,25 @@ def recorded(advice: Advice) -> None:
 
 
 def _pickled_size(obj: Any) -> int | None:
+    return _pickled(obj)[0]
+
+
+def _pickled(obj: Any) -> tuple[int | None, float]:
+    """The pickled size of ``obj`` (``None``: it cannot be pickled), and the seconds it
+    takes to pickle and unpickle it, as a worker process would need."""
+    start = time.perf_counter()
     try:
-        return len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except Exception:
         try:
-            return len(cloudpickle.dumps(obj))
+            data = cloudpickle.dumps(obj)
         except Exception:
-            return None
+            return None, 0.0
+    try:
+        pickle.loads(data)
+    except Exception:
+        pass  # its own business, which a worker would report; the size is what counts here
+    return len(data), time.perf_counter() - start
 
 
 def _gil_threshold() -> float:
@@ -138,9 +150,9 @@ def measure(
     gil_held = None if gil_wait is None else gil_wait > _gil_threshold()
     done = [g for g in sample.groups if g.done]
     first = sample.groups[0].items[0] if sample.groups else None
-    arg_bytes = _pickled_size(first) if sample.groups else 0
+    arg_bytes, arg_time = _pickled(first) if sample.groups else (0, 0.0)
     first_ok = next((v for g in done for i, v in enumerate(g.values) if i not in g.failures), _NONE)
-    result_bytes = _pickled_size(first_ok) if first_ok is not _NONE else 0
+    result_bytes, result_time = _pickled(first_ok) if first_ok is not _NONE else (0, 0.0)
     picklable = arg_bytes is not None and _pickled_size(fn) is not None
     ran = sample.count
     if total is not None:
@@ -178,6 +190,7 @@ def measure(
         total=total,
         cores=cores,
         overhead=overhead,
+        send_time=arg_time + result_time,
     )
     advice = decide(measured, remaining)
     if (

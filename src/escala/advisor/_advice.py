@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._explain import explain
-from ._rules import Reason
+from ._rules import PICKLE_RATE, Reason
 from ._verify import Leg
 
 __all__ = ["Advice", "Cluster", "Leg", "Measurements", "Reason"]
@@ -34,6 +34,9 @@ class Measurements:
         cores: usable CPU cores.
         overhead: measured cost of a hand-off per mode on this machine, seconds:
             ``{"processes-start": ..., "processes-task": ..., "threads-task": ...}``.
+        send_time: seconds to pickle and unpickle the first item and its result, as
+            measured (``None``: not measured; ``PICKLE_RATE`` bytes per second is assumed).
+            Half of it is spent in this process, half in a worker.
     """
 
     samples: int
@@ -50,6 +53,14 @@ class Measurements:
     total: int | None
     cores: int
     overhead: dict[str, float] = field(default_factory=dict)
+    send_time: float | None = None
+
+    @property
+    def moving(self) -> float:
+        """Seconds a task's item and result take to cross to a worker process and back."""
+        if self.send_time is not None:
+            return self.send_time
+        return ((self.arg_bytes or 0) + (self.result_bytes or 0)) / PICKLE_RATE
 
     @property
     def cpu_share(self) -> float:

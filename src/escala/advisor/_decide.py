@@ -33,7 +33,6 @@ from ._rules import (
     GUESSED_PROCESS_TASK,
     MAX_BATCH,
     MIN_GAIN,
-    PICKLE_RATE,
     THREADS_CAP,
     TINY_JOB,
     Reason,
@@ -122,11 +121,12 @@ def _processes(m: Measurements, n: int, sequential: float) -> Advice:
     if not m.picklable:
         return Advice("sequential", 1, "auto", 1.0, Reason.NOT_PICKLABLE, m)
     workers = min(m.cores, n)
-    moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
-    # The work spreads over the workers; sending items and taking results back happens
-    # in the caller's process, one after another, whatever the number of workers.
-    serial = m.overhead.get("processes-task", 0.0) + moved / PICKLE_RATE
-    predicted = m.overhead.get("processes-start", 0.0) + n * (m.wall / workers + serial)
+    # The work spreads over the workers, with unpickling the item and pickling the
+    # result; pickling items and unpickling results happens in the caller's process,
+    # one after another, whatever the number of workers.
+    serial = m.overhead.get("processes-task", 0.0) + m.moving / 2
+    spread = (m.wall + m.moving / 2) / workers
+    predicted = m.overhead.get("processes-start", 0.0) + n * (spread + serial)
     if m.lower_bound:
         # The first task is still computing on the probe thread, holding the GIL: the
         # rest would wait for it in this process, and run beside it in processes. It has
@@ -175,12 +175,12 @@ def alternatives(
     found["threads"] = (threads, _threads_speedup(m, n, threads))
     if m.picklable and m.cores > 1:
         procs = workers or min(m.cores, n)
-        moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
         # unmeasured when the rules never came near processes: a prior, which a trial
         # replaces with what the run measures
         per_task = m.overhead.get("processes-task", GUESSED_PROCESS_TASK)
         start = m.overhead.get("processes-start", GUESSED_PROCESS_START)
-        predicted = start + n * (wall / procs + per_task + moved / PICKLE_RATE)
+        spread = (wall + m.moving / 2) / procs
+        predicted = start + n * (spread + per_task + m.moving / 2)
         found["processes"] = (procs, sequential / predicted)
     return found
 
@@ -194,7 +194,7 @@ def decide_cluster(
     taking ``wall`` seconds as measured here, ``slots = min(cores, workers, n)`` and batches
     sized as the run would size them::
 
-        cluster = start + n × wall / slots + ⌈n / batch⌉ × overhead + n × bytes / PICKLE_RATE
+        cluster = start + n × wall / slots + ⌈n / batch⌉ × overhead + n × moving
         local   = n × wall / (the local advice's speed-up over sequential)
 
     The cluster is chosen when ``local ≥ CLUSTER_GAIN × cluster`` and the work can be
@@ -218,11 +218,8 @@ def decide_cluster(
     slots = max(1, min(cluster.cores, workers or cluster.cores, n))
     # as the scheduler's BatchSizer sizes them: about BATCH_TARGET of work, 4 per slot at least
     batch = max(1, min(MAX_BATCH, math.floor(BATCH_TARGET / wall), math.ceil(n / (4 * slots))))
-    moved = (m.arg_bytes or 0) + (m.result_bytes or 0)
     work = n * wall / slots
-    predicted = (
-        cluster.start + work + math.ceil(n / batch) * cluster.overhead + n * moved / PICKLE_RATE
-    )
+    predicted = cluster.start + work + math.ceil(n / batch) * cluster.overhead + n * m.moving
     local_time = n * wall / max(local.speedup, 1e-9)
     weighed = replace(
         cluster,
