@@ -61,14 +61,20 @@ def run_auto(
     """
     iterator = iter(items)
     total = total_of(items)
-    advice, sample, probe = measure(
-        fn,
-        iterator,
-        total,
-        workers=opts.workers,
-        initializer=opts.initializer,
-        initargs=opts.initargs,
-    )
+    backends = _Backends(fn, opts, total)
+    try:
+        advice, sample, probe = measure(
+            fn,
+            iterator,
+            total,
+            workers=opts.workers,
+            initializer=opts.initializer,
+            initargs=opts.initargs,
+            prepare=backends.prepare,
+        )
+    except BaseException:
+        backends.close(clean=False)
+        raise
     clean = False
     timers: list[threading.Timer] = []
     abandoned: list[Group] = []  # sampled tasks reported as timed out: never waited for
@@ -89,7 +95,9 @@ def run_auto(
             on_advice(advice)
         done_queue: queue.SimpleQueue[Done] = queue.SimpleQueue()
         if sample is not None and _verifiable(advice, opts):
-            legs = _Legs(fn, items, opts, advice, sample, ordered=ordered, keep_all=keep_all)
+            legs = _Legs(
+                fn, items, opts, advice, sample, backends, ordered=ordered, keep_all=keep_all
+            )
             first = legs.first()
             _absorb_or_close(first, sample, probe, done_queue.put, opts, timers, abandoned)
             yield from legs.chunks(iterator, first, done_queue)
@@ -113,8 +121,9 @@ def run_auto(
         yield from run.chunks(iterator, done_queue=done_queue)
         clean = True
     finally:
+        backends.close(clean)
         if legs is not None:
-            legs.close(clean)
+            legs.close()
             advice = legs.advice()
             if on_advice is not None and clean:
                 on_advice(advice)
@@ -208,6 +217,71 @@ class _Gate:
 _LOCAL = ("sequential", "threads", "processes")
 
 
+class _Backends:
+    """The backends of one auto run, by mode: each started once, kept to the end.
+
+    ``prepare`` starts one on a thread of its own while the decision is still being
+    watched (the first task still running), so that the run finds it ready.
+    """
+
+    def __init__(self, fn: Callable[..., Any], opts: Options, total: int | None) -> None:
+        self._fn = fn
+        self._opts = opts
+        self._total = total
+        self._backends: dict[str, Backend] = {}
+        self._starting: dict[str, tuple[threading.Thread, list[BaseException]]] = {}
+
+    def __contains__(self, mode: str) -> bool:
+        return mode in self._backends
+
+    def prepare(self, mode: str, workers: int) -> None:
+        """Start ``mode`` with ``workers`` in the background, unless it is there already."""
+        if mode in self._backends:
+            return
+        chosen = replace(self._opts, mode=mode, workers=workers, address=None)  # type: ignore[arg-type]
+        backend = self._make(mode, chosen, self._total)
+        failed: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                backend.start()
+            except BaseException as exc:  # handed to whoever needs the backend
+                failed.append(exc)
+
+        thread = threading.Thread(target=start, name=f"escala-auto-start-{mode}", daemon=True)
+        self._starting[mode] = (thread, failed)
+        thread.start()
+
+    def ready(self, mode: str, chosen: Options, left: int | None) -> Backend:
+        """The started backend for ``mode``: the one prepared or used before, or a new one."""
+        if mode not in self._backends:
+            self._make(mode, chosen, left).start()
+        self._wait(mode)
+        return self._backends[mode]
+
+    def close(self, clean: bool) -> None:
+        """Stop every backend, once any still starting has started."""
+        for mode in list(self._starting):
+            try:
+                self._wait(mode)
+            except BaseException:
+                pass  # it never started: stopping it is all that is left to do
+        for backend in self._backends.values():
+            backend.shutdown(cancel=not clean)
+
+    def _make(self, mode: str, chosen: Options, left: int | None) -> Backend:
+        backend = make_backend(fitted(plan_for(self._fn, chosen), left), chosen)
+        self._backends[mode] = backend  # stopped by close(), started or not
+        return backend
+
+    def _wait(self, mode: str) -> None:
+        thread, failed = self._starting.pop(mode, (None, []))
+        if thread is not None:
+            thread.join()
+        if failed:
+            raise failed[0]
+
+
 class _Legs:
     """One auto run as legs: each a mode on a part of the input, measured and judged.
 
@@ -225,6 +299,7 @@ class _Legs:
         opts: Options,
         advice: Advice,
         sample: Sample,
+        backends: _Backends,
         *,
         ordered: bool,
         keep_all: bool,
@@ -237,7 +312,7 @@ class _Legs:
         self._sample = sample
         self._ordered = ordered
         self._keep_all = keep_all
-        self._backends: dict[str, Backend] = {}
+        self._backends = backends
         self._progress = progress_for(opts.progress, f"auto → {advice.mode}", self._total)
         self.legs = [_verify.Leg(advice.mode, advice.workers, advice.speedup)]
         # a sampled task was still running at the decision: its figures were partial, and
@@ -268,11 +343,9 @@ class _Legs:
         """The advice the run started with, and the legs it ran."""
         return replace(self._advice, legs=tuple(replace(leg) for leg in self.legs))
 
-    def close(self, clean: bool) -> None:
-        """Stop every backend the legs started."""
+    def close(self) -> None:
+        """Close the progress bar the legs shared."""
         self._progress.close()
-        for backend in self._backends.values():
-            backend.shutdown(cancel=not clean)
 
     def _check(self, run: Run) -> Callable[[], bool | None] | None:
         """The gate's check for ``run``'s leg: ``None`` until it is measured and judged,
@@ -364,11 +437,7 @@ class _Legs:
     def _run(self, advice: Advice, *, offset: int) -> Run:
         left = None if self._total is None else self._total - offset
         chosen, limit = _sized(advice, self._opts, left, self._sample if offset == 0 else None)
-        backend = self._backends.get(advice.mode)
-        if backend is None:
-            backend = make_backend(fitted(plan_for(self._fn, chosen), left), chosen)
-            self._backends[advice.mode] = backend  # stopped by close(), started or not
-            backend.start()
+        backend = self._backends.ready(advice.mode, chosen, left)
         return start_run(
             self._fn,
             self._items if offset == 0 else (range(left) if left is not None else iter(())),

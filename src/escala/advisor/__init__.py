@@ -118,6 +118,7 @@ def measure(
     workers: int | None = None,
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
+    prepare: Callable[[str, int], None] | None = None,
 ) -> tuple[Advice, Sample | None, Probe | None]:
     """Measure ``fn`` on the first items of ``items`` and decide how to run the rest.
 
@@ -126,6 +127,8 @@ def measure(
         items: the input, as an iterator: the sampled items are taken from it.
         total: how many items in all, if known.
         workers: the caller's own choice of concurrency, which the advice keeps.
+        prepare: called with a mode and a number of workers when the decision leans to
+            that mode before it is final (the run starts them in the background).
         initializer: the run's worker initializer (the sampling thread runs it too).
         initargs: its arguments.
 
@@ -198,8 +201,42 @@ def measure(
         and advice.reason is Reason.TOO_SMALL
         and "processes-start" in measured.overhead
     ):
-        advice = _watch_the_first(probe, sample, measured, remaining, advice)
+        advice, measured = _watch_the_first(probe, sample, measured, remaining, advice)
+    if measured.lower_bound and advice.mode == "processes":
+        if prepare is not None:
+            prepare("processes", workers or advice.workers)
+        advice = _watch_while_starting(probe, sample, measured, remaining, advice)
     return _with_workers(advice, workers), sample, probe
+
+
+def _watch_while_starting(
+    probe: Probe,
+    sample: Sample,
+    measured: Measurements,
+    remaining: int | None,
+    advice: Advice,
+) -> Advice:
+    """Watch a first task still running when processes were chosen, while they start.
+
+    Everything it showed so far was computing, but a task may compute first and wait
+    after (parse, then fetch): threads would serve that better. Processes take
+    ``processes-start`` to get ready anyway (the run starts them in the background
+    meanwhile), so the task is watched that long, and the decision taken again as it
+    runs: should it stop computing, its figures now say so.
+    """
+    until = time.perf_counter() + measured.overhead.get("processes-start", 0.0)
+    while time.perf_counter() < until:
+        ended = probe.watch_running(WATCH_STEP)
+        measured = _refreshed(measured, sample)
+        fresh = decide(measured, remaining)
+        if fresh.mode != "processes" or ended:
+            return fresh
+    return advice
+
+
+def _refreshed(measured: Measurements, sample: Sample) -> Measurements:
+    wall, cpu, queued = sample.per_task()
+    return replace(measured, wall=wall, cpu=cpu, queued=queued, lower_bound=sample.lower_bound)
 
 
 def _watch_the_first(
@@ -208,7 +245,7 @@ def _watch_the_first(
     measured: Measurements,
     remaining: int | None,
     advice: Advice,
-) -> Advice:
+) -> tuple[Advice, Measurements]:
     """Watch a first task that outlasted the sampling window until its figures decide.
 
     What it has run so far is only a lower bound of its length: too short yet to pay for
@@ -223,14 +260,11 @@ def _watch_the_first(
     until = time.perf_counter() + max(WATCH_LIMIT * start_cost, budget())
     while advice.mode == "sequential" and time.perf_counter() < until:
         ended = probe.watch_running(WATCH_STEP)
-        wall, cpu, queued = sample.per_task()
-        measured = replace(
-            measured, wall=wall, cpu=cpu, queued=queued, lower_bound=sample.lower_bound
-        )
+        measured = _refreshed(measured, sample)
         advice = decide(measured, remaining)
         if ended:
             break
-    return advice
+    return advice, measured
 
 
 def _with_workers(advice: Advice, workers: int | None) -> Advice:
