@@ -166,7 +166,8 @@ def _watch_parent(parent_pid: int, parent_alive: Connection) -> None:
         except OSError:
             pass
         try:
-            os.killpg(0, signal.SIGKILL)
+            if os.getpgid(0) == os.getpid():  # never the parent's group, had setpgid failed
+                os.killpg(0, signal.SIGKILL)
         finally:
             os._exit(1)
 
