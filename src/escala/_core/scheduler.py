@@ -91,10 +91,24 @@ class BatchSizer:
     ):
         self.adaptive = adaptive and fixed is None
         self.cap = self.CAP
+        self._total = total
+        self._spread = 4 * workers
         if total is not None:
             # Leave enough batches to keep every worker busy until the end, as Pool.map does.
-            self.cap = max(1, min(self.cap, math.ceil(total / (4 * workers))))
+            self.cap = max(1, min(self.cap, math.ceil(total / self._spread)))
         self.size = fixed or (min(max(1, start), self.cap) if self.adaptive else 1)
+
+    def size_at(self, pulled: int) -> int:
+        """The batch size for the next items, once ``pulled`` items have been pulled.
+
+        Batches shrink as the end of an input of known length nears (at most a
+        ``4 × workers``-th of what is left, as OpenMP's guided schedule does): the last
+        batches are then short, and a worker that drew long tasks there holds up the end
+        of the run for less time.
+        """
+        if not self.adaptive or self._total is None:
+            return self.size
+        return max(1, min(self.size, math.ceil((self._total - pulled) / self._spread)))
 
     def observe(self, tasks: int, busy: float) -> None:
         """Learn from a batch of ``tasks`` that kept a worker busy ``busy`` seconds."""
@@ -156,6 +170,7 @@ class Scheduler:
         self._rand = rand
 
         self._next_index = offset
+        self._offset = offset
         self._input_done = False
         self._outstanding = 0  # pulled, not yet handed back
         self._in_flight = 0  # batches submitted, not yet done
@@ -199,7 +214,7 @@ class Scheduler:
         given.)
         """
         room = self.room()
-        size = self.sizer.size
+        size = self.sizer.size_at(self._next_index - self._offset)
         if room < size and self._outstanding and self.window >= 2 * size:
             return 0
         return min(room, size)
@@ -220,7 +235,7 @@ class Scheduler:
         start = self._next_index
         self._next_index += len(items)
         self._outstanding += len(items)
-        size = len(items) if whole else self.sizer.size
+        size = len(items) if whole else self.sizer.size_at(start - self._offset)
         batches = [
             Batch(self._call, range(start + i, start + i + len(chunk)), chunk)
             for i in range(0, len(items), size)

@@ -35,8 +35,7 @@ class Measurements:
         overhead: measured cost of a hand-off per mode on this machine, seconds:
             ``{"processes-start": ..., "processes-task": ..., "threads-task": ...}``.
         send_time: seconds to pickle and unpickle the first item and its result, as
-            measured (``None``: not measured; ``PICKLE_RATE`` bytes per second is assumed).
-            Half of it is spent in this process, half in a worker.
+            measured (``None``: not measured). See :attr:`moving`.
     """
 
     samples: int
@@ -57,10 +56,11 @@ class Measurements:
 
     @property
     def moving(self) -> float:
-        """Seconds a task's item and result take to cross to a worker process and back."""
-        if self.send_time is not None:
-            return self.send_time
-        return ((self.arg_bytes or 0) + (self.result_bytes or 0)) / PICKLE_RATE
+        """Seconds a task's item and result take to cross to a worker process and back:
+        pickling and unpickling them, as measured, and copying their bytes through a
+        pipe at ``PICKLE_RATE`` (which, unmeasured, stands for the pickling too)."""
+        copying = ((self.arg_bytes or 0) + (self.result_bytes or 0)) / PICKLE_RATE
+        return copying + (self.send_time or 0.0)
 
     @property
     def cpu_share(self) -> float:
