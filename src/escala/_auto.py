@@ -234,23 +234,29 @@ class _Backends:
     def __contains__(self, mode: str) -> bool:
         return mode in self._backends
 
-    def prepare(self, mode: str, workers: int) -> None:
-        """Start ``mode`` with ``workers`` in the background, unless it is there already."""
+    def prepare(self, mode: str, workers: int) -> Callable[[], bool]:
+        """Start ``mode`` with ``workers`` in the background, unless it is there already;
+        return a check that says whether it has started."""
         if mode in self._backends:
-            return
+            return lambda: mode not in self._starting or not self._starting[mode][0].is_alive()
         chosen = replace(self._opts, mode=mode, workers=workers, address=None)  # type: ignore[arg-type]
         backend = self._make(mode, chosen, self._total)
         failed: list[BaseException] = []
+        started = threading.Event()
 
         def start() -> None:
             try:
                 backend.start()
             except BaseException as exc:  # handed to whoever needs the backend
                 failed.append(exc)
+            finally:
+                started.set()
 
         thread = threading.Thread(target=start, name=f"escala-auto-start-{mode}", daemon=True)
         self._starting[mode] = (thread, failed)
         thread.start()
+        # a pool's workers report when they are up: until then, the watching is free
+        return lambda: started.is_set() and getattr(backend, "ready", True)
 
     def ready(self, mode: str, chosen: Options, left: int | None) -> Backend:
         """The started backend for ``mode``: the one prepared or used before, or a new one."""
@@ -359,6 +365,9 @@ class _Legs:
         meter = _verify.Meter(wall, max(wall, round_time))
         sched = run.scheduler
         seen = -1
+        # Until the leg is judged, fewer batches wait in flight: a move waits for what
+        # the leg has pulled, and the fewer, the sooner the next leg starts.
+        lookahead, sched.lookahead = sched.lookahead, min(sched.lookahead, 2)
 
         def check() -> bool | None:
             nonlocal seen
@@ -380,6 +389,7 @@ class _Legs:
             leg.measured, leg.tasks, leg.seconds = measured
             go, promise = self._judge(sched, max(wall, round_time))
             if go == leg.mode:
+                sched.lookahead = lookahead  # verified: as many in flight as usual
                 return False
             earlier = next((old for old in self.legs if old.mode == go), None)
             if earlier is not None:

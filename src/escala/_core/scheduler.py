@@ -164,7 +164,7 @@ class Scheduler:
         self._collect = collect
         self._retry = retry
         self._window = window
-        self._lookahead = lookahead
+        self.lookahead = lookahead  # may change while running: the window follows
         self.limit = limit
         self._clock = clock
         self._rand = rand
@@ -197,7 +197,7 @@ class Scheduler:
             return self._window
         if self.limit is not None:
             return self.limit.value * self.sizer.size
-        return self._lookahead * self._workers * self.sizer.size
+        return self.lookahead * self._workers * self.sizer.size
 
     def room(self) -> int:
         """Return how many more items the driver may pull now."""

@@ -30,7 +30,7 @@ from .._worker.cpu import usable_cpus
 from ._advice import Advice, Cluster, Leg, Measurements, Reason
 from ._cluster import weigh
 from ._decide import decide, decide_for_coroutine, decide_from_hint
-from ._overhead import overheads
+from ._overhead import CAUTIOUS, HOPEFUL, known, overheads
 from ._probe import Probe, Sample, budget
 from ._rules import TINY_JOB, WATCH_LIMIT, WATCH_STEP
 
@@ -118,7 +118,7 @@ def measure(
     workers: int | None = None,
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
-    prepare: Callable[[str, int], None] | None = None,
+    prepare: Callable[[str, int], Callable[[], bool]] | None = None,
 ) -> tuple[Advice, Sample | None, Probe | None]:
     """Measure ``fn`` on the first items of ``items`` and decide how to run the rest.
 
@@ -128,7 +128,8 @@ def measure(
         total: how many items in all, if known.
         workers: the caller's own choice of concurrency, which the advice keeps.
         prepare: called with a mode and a number of workers when the decision leans to
-            that mode before it is final (the run starts them in the background).
+            that mode before it is final (the run starts them in the background); it
+            returns a check that says when they are ready.
         initializer: the run's worker initializer (the sampling thread runs it too).
         initargs: its arguments.
 
@@ -165,19 +166,6 @@ def measure(
     compute_bound = wall > 0 and cpu / max(cpu, wall - queued) >= 0.5
     processes_possible = compute_bound and gil_held is not False and not free_threaded
     tiny = remaining is not None and wall * remaining < TINY_JOB
-    overhead = (
-        {}  # nothing can pay for a hand-off: do not spend time measuring one
-        if tiny or remaining == 0
-        else overheads(
-            cores,
-            processes=processes_possible and picklable and cores > 1,
-            contended=sample.has_running,
-        )
-    )
-    if overhead:
-        # measuring hand-offs took a while: a sampled task may have ended meanwhile, and
-        # its whole figures decide better than the part seen when the window closed
-        wall, cpu, queued = sample.per_task()
     measured = Measurements(
         samples=ran,
         lower_bound=sample.lower_bound,
@@ -192,9 +180,12 @@ def measure(
         picklable=picklable,
         total=total,
         cores=cores,
-        overhead=overhead,
         send_time=arg_time + result_time,
     )
+    if not tiny and remaining != 0:  # else nothing can pay for a hand-off: none is measured
+        measured = _with_overheads(
+            measured, sample, remaining, processes_possible and picklable and cores > 1
+        )
     advice = decide(measured, remaining)
     if (
         measured.lower_bound
@@ -203,10 +194,35 @@ def measure(
     ):
         advice, measured = _watch_the_first(probe, sample, measured, remaining, advice)
     if measured.lower_bound and advice.mode == "processes":
-        if prepare is not None:
-            prepare("processes", workers or advice.workers)
-        advice = _watch_while_starting(probe, sample, measured, remaining, advice)
+        ready = None if prepare is None else prepare("processes", workers or advice.workers)
+        advice = _watch_while_starting(probe, sample, measured, remaining, advice, ready)
     return _with_workers(advice, workers), sample, probe
+
+
+def _with_overheads(
+    measured: Measurements, sample: Sample, remaining: int | None, processes: bool
+) -> Measurements:
+    """The measurements with what a hand-off costs: measured, or cautious guesses where
+    the measuring would change nothing.
+
+    Measuring costs a process's first call tens of milliseconds. When the decision is the
+    same with cautious and with hopeful figures, it does not hinge on them: the cautious
+    ones stand (and say so), and nothing is measured.
+    """
+    kinds = (
+        ("threads-task", "processes-start", "processes-task") if processes else ("threads-task",)
+    )
+    figures = known(measured.cores)
+    if all(kind in figures for kind in kinds):
+        return replace(measured, overhead=figures)
+    cautious = replace(measured, overhead={k: figures.get(k, CAUTIOUS[k]) for k in kinds})
+    hopeful = replace(measured, overhead={k: figures.get(k, HOPEFUL[k]) for k in kinds})
+    if decide(cautious, remaining).mode == decide(hopeful, remaining).mode:
+        return replace(cautious, overhead_guessed=True)
+    figures = overheads(measured.cores, processes=processes, contended=sample.has_running)
+    # measuring took a while: a sampled task may have ended meanwhile, and its whole
+    # figures decide better than the part seen when the window closed
+    return _refreshed(replace(measured, overhead=figures), sample)
 
 
 def _watch_while_starting(
@@ -215,17 +231,18 @@ def _watch_while_starting(
     measured: Measurements,
     remaining: int | None,
     advice: Advice,
+    ready: Callable[[], bool] | None,
 ) -> Advice:
     """Watch a first task still running when processes were chosen, while they start.
 
     Everything it showed so far was computing, but a task may compute first and wait
-    after (parse, then fetch): threads would serve that better. Processes take
-    ``processes-start`` to get ready anyway (the run starts them in the background
-    meanwhile), so the task is watched that long, and the decision taken again as it
-    runs: should it stop computing, its figures now say so.
+    after (parse, then fetch): threads would serve that better. Processes take time to
+    get ready anyway (the run starts them in the background meanwhile: ``ready`` says
+    when they are), so the task is watched until then, at most ``processes-start``, and
+    the decision taken again as it runs: should it stop computing, its figures say so.
     """
     until = time.perf_counter() + measured.overhead.get("processes-start", 0.0)
-    while time.perf_counter() < until:
+    while time.perf_counter() < until and not (ready is not None and ready()):
         ended = probe.watch_running(WATCH_STEP)
         measured = _refreshed(measured, sample)
         fresh = decide(measured, remaining)

@@ -34,6 +34,8 @@ class Measurements:
         cores: usable CPU cores.
         overhead: measured cost of a hand-off per mode on this machine, seconds:
             ``{"processes-start": ..., "processes-task": ..., "threads-task": ...}``.
+        overhead_guessed: some of ``overhead`` are cautious guesses, this process's first
+            auto call having decided while they were being measured.
         send_time: seconds to pickle and unpickle the first item and its result, as
             measured (``None``: not measured). See :attr:`moving`.
     """
@@ -52,6 +54,7 @@ class Measurements:
     total: int | None
     cores: int
     overhead: dict[str, float] = field(default_factory=dict)
+    overhead_guessed: bool = False
     send_time: float | None = None
 
     @property

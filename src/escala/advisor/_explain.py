@@ -202,6 +202,11 @@ def _because(advice: Advice, m: Measurements) -> str:
             if "processes-start" in m.overhead and m.cpu_share >= 0.5
             else ""
         )
+        + (
+            " (guessed cautiously: this process is measuring them for the first time)"
+            if m.overhead_guessed
+            else ""
+        )
         + ": the work is too short, or there is too little of it, to pay for any hand-off. "
         "Sequential was chosen."
     )

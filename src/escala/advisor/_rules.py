@@ -14,6 +14,7 @@ __all__ = [
     "CLUSTER_GAIN",
     "GUESSED_PROCESS_START",
     "GUESSED_PROCESS_TASK",
+    "GUESSED_THREAD_TASK",
     "MAX_BATCH",
     "MIN_GAIN",
     "PICKLE_RATE",
@@ -64,8 +65,10 @@ MAX_BATCH = 16384
 #: starting processes costs: by then processes would have paid for themselves many times.
 WATCH_STEP = 0.002
 WATCH_LIMIT = 4.0
-#: What starting worker processes, and a task in them, are taken to cost where they were
-#: never measured (the rules did not come near processes): only to judge whether trying
-#: them may pay; the trial itself measures.
+#: What starting worker processes, a task in them, and a task on threads are taken to
+#: cost before they are measured (a process's first auto call, which measures them in the
+#: background; or processes the rules never came near): cautious, several times what
+#: they measure on a 2-core machine, so that a guess never tips a decision towards them.
 GUESSED_PROCESS_START = 0.1
 GUESSED_PROCESS_TASK = 2e-4
+GUESSED_THREAD_TASK = 1e-4

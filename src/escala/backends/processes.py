@@ -182,6 +182,11 @@ class ProcessBackend:
         self._manager.start()
         _live.add(self)
 
+    @property
+    def ready(self) -> bool:
+        """Whether every worker has started and said so (its initializer run)."""
+        return bool(self._procs) and all(p.ready for p in list(self._procs))
+
     def submit(self, batch: Batch, sink: Sink) -> None:
         if self._closing:
             raise PoolClosed()
