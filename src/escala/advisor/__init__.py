@@ -182,10 +182,9 @@ def measure(
         cores=cores,
         send_time=arg_time + result_time,
     )
+    processes = processes_possible and picklable and cores > 1
     if not tiny and remaining != 0:  # else nothing can pay for a hand-off: none is measured
-        measured = _with_overheads(
-            measured, sample, remaining, processes_possible and picklable and cores > 1
-        )
+        measured = _with_overheads(measured, sample, remaining, processes)
     advice = decide(measured, remaining)
     if (
         measured.lower_bound
@@ -196,6 +195,12 @@ def measure(
     if measured.lower_bound and advice.mode == "processes":
         ready = None if prepare is None else prepare("processes", workers or advice.workers)
         advice = _watch_while_starting(probe, sample, measured, remaining, advice, ready)
+    if advice.measured is not None and advice.measured.overhead_guessed:
+        # the figures went on changing while the first task was watched: the guesses
+        # may have come to matter
+        rechecked = _with_overheads(advice.measured, sample, remaining, processes)
+        if not rechecked.overhead_guessed:
+            advice = decide(rechecked, remaining)
     return _with_workers(advice, workers), sample, probe
 
 
@@ -214,7 +219,7 @@ def _with_overheads(
     )
     figures = known(measured.cores)
     if all(kind in figures for kind in kinds):
-        return replace(measured, overhead=figures)
+        return replace(measured, overhead=figures, overhead_guessed=False)
     cautious = replace(measured, overhead={k: figures.get(k, CAUTIOUS[k]) for k in kinds})
     hopeful = replace(measured, overhead={k: figures.get(k, HOPEFUL[k]) for k in kinds})
     if decide(cautious, remaining).mode == decide(hopeful, remaining).mode:
@@ -222,7 +227,7 @@ def _with_overheads(
     figures = overheads(measured.cores, processes=processes, contended=sample.has_running)
     # measuring took a while: a sampled task may have ended meanwhile, and its whole
     # figures decide better than the part seen when the window closed
-    return _refreshed(replace(measured, overhead=figures), sample)
+    return _refreshed(replace(measured, overhead=figures, overhead_guessed=False), sample)
 
 
 def _watch_while_starting(
