@@ -30,6 +30,7 @@ import escala
 from .._core.plan import plan_for
 from .._options import Mode, Options
 from .._worker.cpu import usable_cpus
+from ..advisor import recording
 from ._sampler import PeakRss
 from .workloads import Prepared, Workload, get
 
@@ -266,15 +267,19 @@ def _measure(prepared: Prepared, mode: str, workers: int | None) -> _Raw:
         return _Raw(mode, workers or 0, error=_describe(exc), advice=advice)
     values: list[Any] | None = None
     error: str | None = None
+    runs: list[Advice] = []
     with PeakRss() as memory:
         before = _cpu_seconds()
         start = time.perf_counter()
         try:
-            values = escala.map(fn, prepared.items, mode=cast(Mode, mode), workers=workers)
+            with recording() as runs:
+                values = escala.map(fn, prepared.items, mode=cast(Mode, mode), workers=workers)
         except Exception as exc:
             error = _describe(exc)
         wall = time.perf_counter() - start
         cpu = _cpu_seconds() - before
+    if runs:
+        advice = runs[-1]  # the run's own decision, and what it verified while running
     cpu = max(0.0, cpu - memory.cpu)  # not the sampling thread's own work
     return _Raw(mode, used, wall, cpu, memory.peak, values, error, advice)
 
