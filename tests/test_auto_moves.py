@@ -57,6 +57,13 @@ def test_a_trial_must_pay_for_its_start_on_the_work_left() -> None:
     assert _verify.judge(legs, PROMISES, LOTS, {"processes": 0.1}) == "processes"
 
 
+def test_no_trial_where_the_input_would_end_before_it_is_measured() -> None:
+    legs = [leg("threads", 1.9, 1.0)]
+    # 0.17 s of work left, tasks of 58 ms: a trial would end before 5 rounds of it ran
+    assert _verify.judge(legs, PROMISES, 0.17, {}, round_time=0.058) == "threads"
+    assert _verify.judge(legs, PROMISES, LOTS, {}, round_time=0.058) == "processes"
+
+
 def test_a_mode_slower_than_sequential_with_nothing_to_try_moves_to_sequential() -> None:
     promises = {"sequential": (1, 1.0), "threads": (8, 3.0)}  # processes impossible
     assert _verify.judge([leg("threads", 3.0, 0.6)], promises, LOTS, {}) == "sequential"

@@ -86,6 +86,10 @@ def _pickled_size(obj: Any) -> int | None:
     return _pickled(obj)[0]
 
 
+#: Objects whose pickle is smaller than this are not timed (see _pickled).
+_TIMED_PICKLE = 64 * 1024
+
+
 def _pickled(obj: Any) -> tuple[int | None, float]:
     """The pickled size of ``obj`` (``None``: it cannot be pickled), and the seconds it
     takes to pickle and unpickle it, as a worker process would need."""
@@ -97,6 +101,10 @@ def _pickled(obj: Any) -> tuple[int | None, float]:
             data = cloudpickle.dumps(obj)
         except Exception:
             return None, 0.0
+    if len(data) < _TIMED_PICKLE:
+        # a single pickling of a small object takes microseconds that are mostly the
+        # clock and the call's own warm-up: the size says more (see Measurements.moving)
+        return len(data), 0.0
     try:
         pickle.loads(data)
     except Exception:

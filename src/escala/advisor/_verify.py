@@ -148,9 +148,13 @@ def judge(
         ((speedup, mode) for mode, (_, speedup) in promises.items() if mode not in tried),
         reverse=True,
     )
+    # a trial that the input would end before it is measured is a blind move
+    measurable = 2 * max(SPAN, ROUNDS * round_time)
     for speedup, mode in untried:
         if speedup < bar:
             break  # sorted: none further promises more
+        if work_left / speedup < measurable:
+            continue
         saved = work_left * (1 / delivered - 1 / speedup)
         if saved >= PAYBACK * (start_costs.get(mode, 0.0) + round_time):
             return mode
