@@ -472,8 +472,9 @@ def builtin(scale: float, repeat: int) -> list[Table]:
     tables += [trivial, few_long_tasks(repeat)]
     cost = one_time_cost()
     trivial.notes.append(
-        f"A process's first auto call also measures hand-off costs once: {secs(cost)} in a "
-        "fresh interpreter (threads and processes); later calls use the cached figures. "
+        f"A process's first auto call measures hand-off costs where they can change its "
+        f"decision (cautious and hopeful guesses give different modes): {secs(cost)} in a "
+        "fresh interpreter (threads and processes), once; elsewhere it measures nothing. "
         "The rows above were timed after that first call."
     )
     return tables

@@ -66,9 +66,10 @@ MAX_BATCH = 16384
 WATCH_STEP = 0.002
 WATCH_LIMIT = 4.0
 #: What starting worker processes, a task in them, and a task on threads are taken to
-#: cost before they are measured (a process's first auto call, which measures them in the
-#: background; or processes the rules never came near): cautious, several times what
-#: they measure on a 2-core machine, so that a guess never tips a decision towards them.
-GUESSED_PROCESS_START = 0.1
-GUESSED_PROCESS_TASK = 2e-4
+#: cost where they are not measured (a process's first auto call, when its decision does
+#: not hinge on them; or processes the rules never came near): cautious, 2-10 times what they
+#: measure on a 2-core machine (10 ms, 1-2 µs, 25-50 µs; a fresh interpreter's first pool
+#: 30 ms), so that a guess never tips a decision towards them.
+GUESSED_PROCESS_START = 0.05
+GUESSED_PROCESS_TASK = 2e-5
 GUESSED_THREAD_TASK = 1e-4
