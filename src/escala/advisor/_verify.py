@@ -149,7 +149,7 @@ def judge(
         reverse=True,
     )
     # a trial that the input would end before it is measured is a blind move
-    measurable = 2 * max(SPAN, ROUNDS * round_time)
+    measurable = max(SPAN, ROUNDS * round_time)
     for speedup, mode in untried:
         if speedup < bar:
             break  # sorted: none further promises more
