@@ -68,6 +68,10 @@ __all__ = ["DaskBackend"]
 ALLOWED_FAILURES = 1
 #: Seconds to wait for the scheduler when connecting to an address.
 CONNECT_TIMEOUT = 30
+#: Seconds a run's function may take to reach every worker before it goes to one only...
+BROADCAST_TIMEOUT = 10
+#: ...and to reach that one, before the run fails.
+SCATTER_TIMEOUT = 30
 
 _keys = itertools.count(1)
 
@@ -255,8 +259,24 @@ class DaskBackend(RemoteBackend):
             piece.future.add_done_callback(partial(self._piece_done, piece))
 
     def _store(self, data: bytes) -> Any:
-        """Scatter a cloudpickled function to every worker; return its future."""
-        return self._client.scatter(data, broadcast=True, hash=False)
+        """Scatter a cloudpickled function to every worker; return its future.
+
+        A broadcast waits for every worker, and one that a nanny has just restarted can
+        keep it waiting for good (seen in CI, after a timed-out task's worker was killed):
+        after ``BROADCAST_TIMEOUT`` the function goes to one worker, and the others fetch
+        it from there when they need it.
+        """
+        try:
+            return self._client.scatter(data, broadcast=True, hash=False, timeout=BROADCAST_TIMEOUT)
+        except (TimeoutError, distributed.TimeoutError):
+            pass
+        try:
+            return self._client.scatter(data, hash=False, timeout=SCATTER_TIMEOUT)
+        except (TimeoutError, distributed.TimeoutError) as exc:
+            raise EscalaError(
+                f"the Dask cluster did not take the function within {SCATTER_TIMEOUT:g} s "
+                "(are its workers alive? see its dashboard or logs)"
+            ) from exc
 
     def cancel(self, sink: Sink) -> None:
         with self._lock:
