@@ -78,6 +78,53 @@ def pg_url(pg_server: str) -> Iterator[str]:
         yield url
 
 
+#: Workers started for the session's Dask scheduler when its own nannies were gone.
+_DASK_RESCUES: list[subprocess.Popen[bytes]] = []
+#: The session's Dask cluster: workers per run, and the environment its workers import from.
+DASK_WORKERS = 2
+
+
+def ensure_dask_workers(client: Any) -> None:
+    """Wait until the session's Dask cluster has its workers again, starting new ones if
+    the cluster lost its nannies.
+
+    A test that kills a worker leaves its nanny to start another. Once in a loaded CI run
+    the nannies themselves were gone, and every later Dask test waited in vain: then new
+    workers (a ``dask worker`` process, owned by the session) join the same scheduler, and
+    the client, which tests hold, stays the same.
+    """
+    try:
+        client.wait_for_workers(DASK_WORKERS, timeout=30)
+        return
+    except (TimeoutError, OSError):
+        pass
+    missing = DASK_WORKERS - len(client.scheduler_info()["workers"])
+    if missing > 0:
+        tests = str(pathlib.Path(__file__).parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, *sys.path]))}
+        rescue = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                client.scheduler.address,
+                "--nworkers",
+                str(missing),
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _SESSION_PIDS.add(rescue.pid)
+        _DASK_RESCUES.append(rescue)
+    client.wait_for_workers(DASK_WORKERS, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def dask_cluster() -> Iterator[Any]:
     """A real Dask LocalCluster (2 worker processes × 1 thread, on 127.0.0.1, no dashboard)
@@ -108,6 +155,13 @@ def dask_cluster() -> Iterator[Any]:
     try:
         yield client
     finally:
+        for rescue in _DASK_RESCUES:
+            rescue.terminate()
+            try:
+                rescue.wait(30)
+            except subprocess.TimeoutExpired:
+                rescue.kill()
+                rescue.wait()
         client.close()
         host.stdin.close()
         host.stdout.close()
@@ -172,7 +226,7 @@ def _session_mode(request: pytest.FixtureRequest) -> Iterator[str]:
         client = request.getfixturevalue("dask_cluster")
         # an earlier test may have killed a worker: its nanny is still starting the new
         # one, and a test that needs two tasks at once would find one worker
-        client.wait_for_workers(2, timeout=60)
+        ensure_dask_workers(client)
         with client.as_current():
             yield "dask"
     elif request.param == "ray":

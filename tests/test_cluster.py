@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 import escala
+from conftest import ensure_dask_workers
 from escala._auto import run_auto
 from escala._core.plan import collect
 from escala._options import Options
@@ -143,7 +144,7 @@ class DaskSession(SessionCluster):
         return self.client.submit(fn, *args, pure=False).result(timeout=30)
 
     def heal(self) -> None:
-        self.client.wait_for_workers(2, timeout=30)  # the nannies replace dead workers
+        ensure_dask_workers(self.client)  # the nannies replace dead workers
 
     def kill_workers(self) -> None:
         # restart() returns once the nannies have started new ones: a run that starts while
