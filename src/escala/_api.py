@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar, Unpack, overload
 
 from ._auto import run_auto
 from ._core.adaptive import for_coroutines
-from ._core.drive import Chunk
+from ._core.drive import Chunk, heeding_signals
 from ._core.plan import (
     Plan,
     check_arguments,
@@ -117,7 +117,7 @@ def map(
         # No loop in this thread: run one here, as amap would, rather than start a thread
         # for it (a few milliseconds a call, and one more thread to stop on Ctrl-C).
         try:
-            return asyncio.run(_amap_collect(fn, items, opts))
+            return asyncio.run(heeding_signals(_amap_collect(fn, items, opts)))
         except RuntimeError as exc:
             stop = task_stop(exc)
             if stop is None:

@@ -52,6 +52,8 @@ WAITING_SHARE = 0.1
 MAX_SHARE = 1 / 16
 #: The caller's wake-up period while measuring GIL contention.
 TICK = 0.001
+#: The longest :meth:`Probe.join` blocks at once (see ``escala._core.drive.WAIT_SLICE``).
+JOIN_SLICE = 0.1
 #: Groups of tasks are timed together, and grow (×4) while a group takes less than this.
 GROUP_TIME = 0.001
 MAX_GROUP = 4096
@@ -354,8 +356,12 @@ class Probe:
         """Wait for the probe threads; return whether they have all ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            thread.join(left)
+            # in slices: a Ctrl-C the kernel handed to another thread is seen between them
+            while thread.is_alive():
+                left = JOIN_SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    break
+                thread.join(min(JOIN_SLICE, left))
         return not any(thread.is_alive() for thread in self._threads)
 
 
