@@ -28,6 +28,7 @@ from ._core.run import Run, start_run
 from ._core.scheduler import Scheduler
 from ._errors import TaskTimeout
 from ._options import ENGINES, Options
+from ._worker.cpu import usable_cpus
 from ._worker.messages import Batch, Done, Failure, Sink
 from .advisor import Advice, Measurements, _verify, measure, recorded, weigh
 from .advisor._decide import alternatives
@@ -368,6 +369,14 @@ class _Legs:
         # Until the leg is judged, fewer batches wait in flight: a move waits for what
         # the leg has pulled, and the fewer, the sooner the next leg starts.
         lookahead, sched.lookahead = sched.lookahead, min(sched.lookahead, 2)
+        # A sampled task still computing on a probe thread holds a core. Were the leg's
+        # workers to fill every core beside it, two tasks would share one and the run's
+        # end wait for the slower: while it runs, one batch per worker, the sampled ones
+        # among them (they count as outstanding), if that leaves the leg some.
+        held = sum(not group.done for group in self._sample.groups)
+        computing = self._advice.reason in (Reason.HOLDS_GIL, Reason.RELEASES_GIL)
+        if computing and held and leg.workers > held and leg.workers + held > usable_cpus():
+            sched.lookahead = 1
 
         def check() -> bool | None:
             nonlocal seen
@@ -377,6 +386,8 @@ class _Legs:
             if self._sample.has_running:
                 meter.restart()  # a sampled task still runs beside the leg
                 return None
+            if sched.lookahead < min(lookahead, 2):
+                sched.lookahead = min(lookahead, 2)  # the sampled tasks ended
             if self._partial:
                 self._partial = False
                 go, promise = self._judge(sched, max(wall, round_time), again=leg.mode)
