@@ -113,6 +113,28 @@ def test_coroutine_functions_go_to_async_without_measuring() -> None:
     assert "coroutine function" in advice.explain()
 
 
+def test_coroutine_runs_are_recorded_with_what_they_measured() -> None:
+    async def arun() -> list[int]:
+        return await escala.amap(await_a_bit, range(30))
+
+    with escala.advisor.recording() as runs:
+        assert escala.map(await_a_bit, range(40)) == list(range(40))
+        assert list(escala.imap(await_a_bit, iter(range(20)))) == list(range(20))
+        assert escala.map(await_a_bit, range(20), workers=4) == list(range(20))
+        assert asyncio.run(arun()) == list(range(30))
+        escala.map(await_a_bit, range(5), mode="async")  # chosen by the caller: not auto's
+    assert [run.reason for run in runs] == [Reason.COROUTINE] * 4
+    # the same decision advise() gives; it starts at the input's length when that is shorter
+    assert [run.workers for run in runs] == [40, 512, 4, 30]
+    assert runs[0].workers == escala.advise(await_a_bit, range(40)).workers
+    for run, tasks in zip(runs, (40, 20, 20, 30), strict=True):
+        (leg,) = run.legs
+        assert (leg.mode, leg.tasks) == ("async", tasks)
+        assert leg.measured is not None and 0 < leg.measured <= run.workers * 1.05
+        assert "tasks overlapped" in run.explain()
+    assert runs[2].legs[0].workers == 4  # a fixed limit stays where the caller put it
+
+
 def test_a_hint_skips_measuring() -> None:
     ran: list[int] = []
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 from ._auto import run_auto
-from ._core.adaptive import for_coroutines
+from ._core.adaptive import ConcurrencyLimit, for_coroutines
 from ._core.drive import Chunk, heeding_signals
 from ._core.plan import (
     Plan,
@@ -28,6 +28,9 @@ from ._core.plan import (
 from ._core.run import Run, start_run
 from ._core.scheduler import Outcome, iteration_error, task_stop
 from ._options import ErrorPolicy, Options, RunOptions
+from .advisor import Advice, recorded
+from .advisor._decide import decide_for_coroutine
+from .advisor._verify import Leg
 
 __all__ = ["aimap", "amap", "imap", "map"]
 
@@ -320,9 +323,30 @@ def _start(
     await at once (the default mode, no ``workers``/``limit`` given)."""
     plan = plan or plan_for(fn, opts)
     limit = None
-    if plan.runs_on == "async" and opts.mode is None and opts.workers is None:
+    chosen = plan.runs_on == "async" and opts.mode is None  # auto, for a coroutine function
+    if chosen and opts.workers is None:
         limit = for_coroutines(total_of(items))
         plan = replace(plan, workers=limit.high)
-    return start_run(
+    run = start_run(
         fn, items, opts, ordered=ordered, keep_all=keep_all, plan=plan, limit=limit, **extra
     )
+    if chosen:
+        advice = decide_for_coroutine(opts.workers, total_of(items))
+        run.on_end = _recorder(advice, limit)
+    return run
+
+
+def _recorder(advice: Advice, limit: ConcurrencyLimit | None) -> Callable[[Run, float], None]:
+    """What a coroutine run that auto chose gives :func:`escala.advisor.recording`: the
+    advice, and as its one leg how many tasks overlapped and where the limit ended."""
+
+    def record(run: Run, seconds: float) -> None:
+        sched = run.scheduler
+        # the tasks' own time, summed, over the run's: the speed-up over awaiting them
+        # one after another
+        overlap = sched.busy / seconds if sched.ran and seconds > 0 else None
+        at_once = advice.workers if limit is None else limit.value
+        leg = Leg("async", at_once, advice.speedup, overlap, sched.ran, seconds)
+        recorded(replace(advice, legs=(leg,)))
+
+    return record

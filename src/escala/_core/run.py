@@ -16,6 +16,7 @@ a pool's (``shared``: it only cancels its own queued work when it ends early).
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ class Run:
         started: the backend is running already (a pool's, or one that measured a cluster).
         label: the mode as the progress bar names it.
         total: the input's length, when it has one.
+        on_end: called with the run and the seconds it was driven, when driving ends
+            (finished, failed or abandoned).
     """
 
     plan: Plan
@@ -55,6 +58,7 @@ class Run:
     started: bool
     label: str
     total: int | None
+    on_end: Callable[[Run, float], None] | None = None
 
     def chunks(
         self,
@@ -74,22 +78,34 @@ class Run:
                 run draws its own, as ``options.progress`` asks.
         """
         own = self._ready(progress is None)
-        yield from drive(
-            self.backend,
-            self.scheduler,
-            items,
-            owned=not self.shared,
-            progress=own if progress is None else KeptOpen(progress),
-            done_queue=done_queue,
-        )
+        began = time.perf_counter()
+        try:
+            yield from drive(
+                self.backend,
+                self.scheduler,
+                items,
+                owned=not self.shared,
+                progress=own if progress is None else KeptOpen(progress),
+                done_queue=done_queue,
+            )
+        finally:
+            self._ended(began)
 
     async def achunks(self, items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Chunk]:
         """Drive the run on the running event loop; yield chunks as :meth:`chunks` does."""
         progress = self._ready()
-        async for chunk in adrive(
-            self.backend, self.scheduler, items, owned=not self.shared, progress=progress
-        ):
-            yield chunk
+        began = time.perf_counter()
+        try:
+            async for chunk in adrive(
+                self.backend, self.scheduler, items, owned=not self.shared, progress=progress
+            ):
+                yield chunk
+        finally:
+            self._ended(began)
+
+    def _ended(self, began: float) -> None:
+        if self.on_end is not None:
+            self.on_end(self, time.perf_counter() - began)
 
     def close(self) -> None:
         """Stop a backend the run owns and will never drive (it was given up before)."""

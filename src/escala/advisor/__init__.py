@@ -148,7 +148,7 @@ def measure(
     """
     cores = usable_cpus()
     if is_async(fn):
-        advice = decide_for_coroutine(workers)
+        advice = decide_for_coroutine(workers, total)
         return _with_workers(advice, workers), None, None
     hint = kind_of(fn)
     if hint is not None:

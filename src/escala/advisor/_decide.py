@@ -48,12 +48,14 @@ __all__ = [
 ]
 
 
-def decide_for_coroutine(workers: int | None) -> Advice:
+def decide_for_coroutine(workers: int | None, total: int | None = None) -> Advice:
     """Coroutine functions run on asyncio, no measuring needed; unless the caller fixes
-    how many at once, they start at ``ASYNC_START`` and the run adapts the limit."""
+    how many at once, they start at ``ASYNC_START`` (at most ``total``, the input's
+    length when known) and the run adapts the limit."""
     if workers is not None:
         return Advice("async", workers, 1, float(workers), Reason.COROUTINE)
-    return Advice("async", ASYNC_START, 1, float(ASYNC_START), Reason.COROUTINE, adaptive=True)
+    start = max(1, min(ASYNC_START, total)) if total is not None else ASYNC_START
+    return Advice("async", start, 1, float(start), Reason.COROUTINE, adaptive=True)
 
 
 def decide_from_hint(kind: str, cores: int, picklable: bool) -> Advice:

@@ -71,9 +71,29 @@ def explain(advice: Advice) -> str:
             "How many tasks run at once is adjusted during the run: raised while it pays, "
             "lowered when tasks slow down or fail."
         )
-    if advice.legs:
+    if advice.legs and reason is Reason.COROUTINE:
+        lines.append(_overlapped(advice, advice.legs[0]))
+    elif advice.legs:
         lines.append(_verified(advice.legs))
     return "\n".join(lines)
+
+
+def _overlapped(advice: Advice, leg: Leg) -> str:
+    """What a coroutine run measured: how many of its tasks overlapped, and the limit."""
+    if leg.measured is None:
+        return "The run ended before there was enough of it to measure."
+    text = (
+        f"While running, {leg.tasks:,} tasks overlapped {leg.measured:.1f}-fold on average "
+        f"over {human_time(leg.seconds)}: about {leg.measured:.1f}× the speed of awaiting "
+        "them one after another"
+    )
+    if advice.adaptive:
+        text += (
+            f"; the limit ended at {leg.workers:,} at once (from {advice.workers:,})"
+            if leg.workers != advice.workers
+            else f"; the limit stayed at {leg.workers:,} at once"
+        )
+    return text + "."
 
 
 def _verified(legs: tuple[Leg, ...]) -> str:

@@ -132,9 +132,10 @@ class AsyncBackend:
         failures: dict[int, Failure] | None = None
         running = forks.in_async_task()
         ctrl_c = interrupts.ctrl_c_check()
-        begin = time.perf_counter()
+        busy = 0.0  # the tasks' own time: a wait for a free slot is not theirs
         for pos, item in enumerate(batch.items):
             async with self._sem:
+                begin = time.perf_counter()
                 try:
                     values.append(await self._call(batch, pos, item))
                 except BaseException as exc:
@@ -144,9 +145,10 @@ class AsyncBackend:
                     if failures is None:
                         failures = {}
                     failures[pos] = Failure(error=exc)
+                busy += time.perf_counter() - begin
             if running.forked:
                 forks.exit_child()
-        sink(Done(batch, values, failures, busy=time.perf_counter() - begin))
+        sink(Done(batch, values, failures, busy=busy))
 
     async def _call(self, batch: Batch, pos: int, item: Any) -> Any:
         timeout = batch.call.timeout
