@@ -8,6 +8,7 @@ import hashlib
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -133,6 +134,36 @@ def test_coroutine_runs_are_recorded_with_what_they_measured() -> None:
         assert leg.measured is not None and 0 < leg.measured <= run.workers * 1.05
         assert "tasks overlapped" in run.explain()
     assert runs[2].legs[0].workers == 4  # a fixed limit stays where the caller put it
+
+
+def spawn_spinner(seconds: float) -> int:
+    """Wait for a child interpreter that computes for ``seconds``."""
+    code = (
+        f"import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass"
+    )
+    return subprocess.run([sys.executable, "-c", code], check=True).returncode
+
+
+@pytest.mark.parametrize("seconds", [0.02, 0.3], ids=["children-end", "child-still-running"])
+def test_a_child_process_computing_is_seen_as_computing(seconds: float) -> None:
+    # The task's own thread only waits, but its child computes on this machine's cores:
+    # measured, whether children ended while sampling or one still ran at the decision
+    advice = escala.advise(spawn_spinner, [seconds] * 8)
+    m = advice.measured
+    assert m is not None and m.child_cpu > 0
+    assert m.computing == m.cpu + m.child_cpu and m.waiting < m.wall - m.cpu
+    assert "child processes it waited for" in advice.explain()
+
+
+def test_threads_for_waiting_children_count_their_computing() -> None:
+    cores = 2
+    waits = replace(_measurements(0.01, 200), cpu=0.0005, gil_held=False, cores=cores)
+    on_io = decide(waits, 190)
+    on_children = decide(replace(waits, child_cpu=0.009), 190)
+    assert (on_io.reason, on_children.reason) == (Reason.WAITS, Reason.WAITS)
+    assert on_io.workers == round(cores * (1 + 0.0095 / 0.0005))
+    assert on_children.workers == cores  # no waiting left but the children's computing
+    assert on_children.speedup <= cores
 
 
 def test_a_hint_skips_measuring() -> None:

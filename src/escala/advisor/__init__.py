@@ -189,6 +189,7 @@ def measure(
         total=total,
         cores=cores,
         send_time=arg_time + result_time,
+        child_cpu=sample.children_per_task(),
     )
     processes = processes_possible and picklable and cores > 1
     if not tiny and remaining != 0:  # else nothing can pay for a hand-off: none is measured

@@ -38,6 +38,9 @@ class Measurements:
             auto call having decided while they were being measured.
         send_time: seconds to pickle and unpickle the first item and its result, as
             measured (``None``: not measured). See :attr:`moving`.
+        child_cpu: mean CPU time per task of the child processes it started and waited
+            for (a subprocess), seconds: the task waited for them, but they computed on
+            this machine's cores, which more threads do not multiply.
     """
 
     samples: int
@@ -56,6 +59,7 @@ class Measurements:
     overhead: dict[str, float] = field(default_factory=dict)
     overhead_guessed: bool = False
     send_time: float | None = None
+    child_cpu: float = 0.0
 
     @property
     def moving(self) -> float:
@@ -64,6 +68,18 @@ class Measurements:
         pipe at ``PICKLE_RATE`` (which, unmeasured, stands for the pickling too)."""
         copying = ((self.arg_bytes or 0) + (self.result_bytes or 0)) / PICKLE_RATE
         return copying + (self.send_time or 0.0)
+
+    @property
+    def computing(self) -> float:
+        """Seconds per task spent computing on this machine: the task's own CPU time and
+        its child processes'."""
+        return self.cpu + self.child_cpu
+
+    @property
+    def waiting(self) -> float:
+        """Seconds per task spent waiting on something other than this machine's cores
+        (I/O, a server): neither computing, nor queued for a core, nor its children's."""
+        return max(0.0, self.wall - self.queued - self.computing)
 
     @property
     def cpu_share(self) -> float:

@@ -80,8 +80,10 @@ def decide(m: Measurements, remaining: int | None) -> Advice:
     if remaining == 0:
         return Advice("sequential", 1, 1, 1.0, Reason.ALL_SAMPLED, m)
     wall = max(m.wall, 1e-9)
-    compute = max(m.cpu, 1e-9)
-    wait = max(0.0, m.wall - m.queued - m.cpu)  # queued for a core is not waiting on I/O
+    # a subprocess's computing counts: the threads that wait for it share the cores it
+    # runs on; time queued for a core is not waiting on I/O
+    compute = max(m.computing, 1e-9)
+    wait = m.waiting
     n = remaining if remaining is not None else ASSUMED_ITEMS  # unknown length: assume many
     sequential = n * wall
     if remaining is not None and sequential < TINY_JOB:
@@ -109,6 +111,7 @@ def _threads_speedup(m: Measurements, n: int, workers: int) -> float:
     wall = max(m.wall, 1e-9)
     gil_free = m.gil_held is False or m.free_threaded
     computing = n * min(m.cpu, wall) / (m.cores if gil_free else 1)
+    computing += n * min(m.child_cpu, wall) / m.cores  # subprocesses, one per core at most
     threads_time = max(n * wall / workers, computing) + n * m.overhead.get("threads-task", 0.0)
     return n * wall / threads_time
 
@@ -165,8 +168,8 @@ def alternatives(
     """
     n = remaining if remaining is not None else ASSUMED_ITEMS
     wall = max(m.wall, 1e-9)
-    compute = max(m.cpu, 1e-9)
-    wait = max(0.0, m.wall - m.queued - m.cpu)
+    compute = max(m.computing, 1e-9)
+    wait = m.waiting
     sequential = n * wall
     found = {"sequential": (1, 1.0)}
     if n <= 0:

@@ -149,6 +149,11 @@ def _measured(m: Measurements) -> str:
             f"Measured over {samples}: {human_time(m.wall)} per task, of which CPU "
             f"{human_time(m.cpu)} ({m.cpu_share:.0%} of wall time)"
         )
+    if m.child_cpu > 0.1 * m.wall:
+        text += (
+            f", and {human_time(m.child_cpu)} more in the child processes it waited for, "
+            "computing on this machine's cores"
+        )
     if m.queued > 0.1 * m.wall:
         text += (
             f" (another {human_time(m.queued)} waiting for a free core: the machine is busy, "
@@ -167,15 +172,20 @@ def _measured(m: Measurements) -> str:
 
 def _because(advice: Advice, m: Measurements) -> str:
     reason = advice.reason
-    wait = max(0.0, m.wall - m.queued - m.cpu)
+    wait = m.waiting
     if reason is Reason.WAITS:
-        ratio = wait / max(m.cpu, 1e-9)
+        ratio = wait / max(m.computing, 1e-9)
+        on = (
+            "on I/O"
+            if m.child_cpu <= 0.1 * m.wall
+            else "for its child processes (whose CPU time counts as computing)"
+        )
         return (
-            f"CPU time was {m.cpu_share:.0%} of wall time: this work waits on I/O, so threads "
+            f"CPU time was {m.cpu_share:.0%} of wall time: this work waits {on}, so threads "
             f"were chosen: {_cores(m.cores)} × (1 + {ratio:,.0f}) ≈ "
             f"{m.cores * (1 + ratio):,.0f}, capped at {advice.workers}."
             if m.cores * (1 + ratio) > advice.workers + 0.5
-            else f"CPU time was {m.cpu_share:.0%} of wall time: this work waits on I/O, so "
+            else f"CPU time was {m.cpu_share:.0%} of wall time: this work waits {on}, so "
             f"threads were chosen: {_cores(m.cores)} × (1 + {ratio:,.1f}) ≈ {advice.workers}."
         )
     if reason is Reason.RELEASES_GIL:

@@ -25,6 +25,7 @@ exception) goes to the run.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import threading
 import time
@@ -59,6 +60,31 @@ GROUP_TIME = 0.001
 MAX_GROUP = 4096
 
 
+def children_cpu() -> float:
+    """Seconds of CPU used so far by this process's child processes that have ended and
+    been waited for (a subprocess's, once ``run`` returns)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _live_children_cpu(native: int) -> float:
+    """Seconds of CPU used so far by the child processes that thread ``native`` started
+    and that still run (Linux's ``/proc``; elsewhere none are seen)."""
+    try:
+        with open(f"/proc/self/task/{native}/children") as file:
+            pids = file.read().split()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as file:
+                total += int(file.read().split()[0]) / 1e9
+        except (OSError, IndexError, ValueError):
+            pass  # it ended meanwhile: counted once reaped, by children_cpu()
+    return total
+
+
 def budget() -> float:
     """Return the sampling window in seconds (the same for deciding on a running task)."""
     return max(0.005, BUDGET_INTERVALS * sys.getswitchinterval())
@@ -77,6 +103,8 @@ class Group:
     wall: float = 0.0
     cpu: float = 0.0
     queued: float = 0.0  # time the thread was ready to run but had no core
+    children_start: float = 0.0
+    children: float = 0.0  # CPU time of the child processes reaped meanwhile
     done: bool = False
 
 
@@ -133,6 +161,16 @@ class Sample:
         queued = sum(g.queued for g in self.groups)
         n = sum(len(g.items) for g in self.groups if g.done or g.wall > 0)
         return (wall / n, cpu / n, queued / n) if n else (0.0, 0.0, 0.0)
+
+    def children_per_task(self) -> float:
+        """Return the mean CPU time per task of the child processes the tasks waited for.
+
+        Read for the process as a whole (``RUSAGE_CHILDREN``: children reaped by any of
+        its threads), so only while sampling, when the probe threads alone run tasks.
+        """
+        timed = [g for g in self.groups if g.done or g.wall > 0]  # as per_task counts
+        n = sum(len(g.items) for g in timed)
+        return sum(g.children for g in timed) / n if n else 0.0
 
     def gil_wait(self) -> float | None:
         """How long the caller's thread was kept waiting per wake-up, or ``None``.
@@ -242,6 +280,7 @@ class Probe:
             group.wall = now - group.started
             group.cpu = _cpu_since(clock, group.cpu_start)
             group.queued = _queued_since(group.queued_start, native)
+            group.children = children_cpu() - group.children_start + _live_children_cpu(native)
 
     def watch_running(self, timeout: float) -> bool:
         """After :meth:`sample`, wait up to ``timeout`` for the groups still running.
@@ -285,6 +324,7 @@ class Probe:
                         time.perf_counter(),
                         time.thread_time(),
                         None if tiny else delay.read(),
+                        children_start=children_cpu(),
                     )
                     sample.groups.append(group)
                     self._running[threading.get_ident()] = (group, clock, native)
@@ -324,6 +364,7 @@ class Probe:
         values, errors, _ = ctx.run_batch(Batch(self._call, range(len(group.items)), group.items))
         cpu = time.thread_time() - group.cpu_start
         wall = time.perf_counter() - group.started
+        children = children_cpu() - group.children_start
         queued = 0.0
         if group.queued_start is not None and (now_delay := delay.read()) is not None:
             queued = max(0.0, now_delay - group.queued_start)
@@ -332,6 +373,7 @@ class Probe:
             decided = self._stop and not group.done and group.wall > 0
             group.values, group.failures = values, errors or {}
             group.wall, group.cpu, group.queued, group.done = wall, cpu, queued, True
+            group.children = children
             if not decided:
                 return
             handover = self._handover
@@ -373,7 +415,11 @@ def _clearly_waiting(group: Group, clock: int | None, native: int, now: float) -
     (Not less: a probe thread the OS has not run yet also shows no CPU.)
     """
     elapsed = now - group.started - _queued_since(group.queued_start, native)
-    return elapsed >= EARLY and _cpu_since(clock, group.cpu_start) < WAITING_SHARE * elapsed
+    if elapsed < EARLY or _cpu_since(clock, group.cpu_start) >= WAITING_SHARE * elapsed:
+        return False
+    # waiting for a child process that computes is not waiting on I/O
+    children = children_cpu() - group.children_start + _live_children_cpu(native)
+    return _cpu_since(clock, group.cpu_start) + children < WAITING_SHARE * elapsed
 
 
 class _RunDelay:
