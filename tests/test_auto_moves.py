@@ -124,6 +124,16 @@ def test_the_meter_starts_again_when_told() -> None:
     assert meter.observe(60, now=0.5) == pytest.approx((0.4, 10, 0.25))
 
 
+def test_the_meter_gives_a_glimpse_halfway_and_a_verdict_at_the_end() -> None:
+    meter = _verify.Meter(per_task=0.01, round_time=0.01)  # span 0.1 s
+    assert meter.glimpse(5, now=0.0) is None  # nothing observed yet
+    meter.observe(0, now=0.0)
+    assert meter.glimpse(3, now=0.04) is None  # under half the span
+    assert meter.glimpse(5, now=0.05) == pytest.approx(1.0)  # 5 tasks of 10 ms in 50 ms
+    assert meter.observe(5, now=0.05) is None  # a glimpse is no verdict
+    assert meter.observe(20, now=0.1) == pytest.approx((2.0, 20, 0.1))
+
+
 def figures(**changes: Any) -> Measurements:
     base = {
         "samples": 4,

@@ -45,6 +45,10 @@ from .backends.base import Backend
 
 __all__ = ["run_auto"]
 
+#: Processes are started beside a threads leg only when the work left (at sequential's
+#: pace) is at least this many times their start-up.
+RUNNER_UP_PAYS = 4
+
 
 def run_auto(
     fn: Callable[..., Any],
@@ -331,6 +335,23 @@ class _Legs:
         """The first leg's run, in the advised mode (the sampled items go to it)."""
         return self._run(self._advice, offset=0)
 
+    def _prepare_runner_up(self, sched: Scheduler) -> None:
+        """Start processes in the background for a threads leg chosen for computing that
+        looked GIL-free, and falling short halfway through its measuring: should the look
+        have deceived (native code that takes the GIL back between short steps),
+        processes are the way out, and a move to them then costs no start-up stall. Only
+        where the work left would outlast their start-up a few times over."""
+        advice, m = self._advice, self._advice.measured
+        if advice.mode != "threads" or advice.reason is not Reason.RELEASES_GIL or m is None:
+            return
+        if not m.picklable or m.cores < 2 or self._opts.workers is not None:
+            return
+        left = self._left(sched)
+        start = m.overhead.get("processes-start", GUESSED_PROCESS_START)
+        if left is not None and left * m.wall < RUNNER_UP_PAYS * start:
+            return
+        self._backends.prepare("processes", min(m.cores, left) if left is not None else m.cores)
+
     def chunks(
         self, iterator: Iterator[Any], run: Run, done_queue: queue.SimpleQueue[Done]
     ) -> Iterator[Chunk]:
@@ -394,8 +415,16 @@ class _Legs:
                 if go != leg.mode:
                     self.legs.append(_verify.Leg(go, *promise))
                     return True
-            measured = meter.observe(seen, time.perf_counter())
+                # Sequential's pace was taken from a task still running, a lower bound:
+                # measured against it, the leg would look slower than it is.
+                done_wall = self._sample.per_task()[0]
+                meter.per_task = max(meter.per_task, done_wall)
+            now = time.perf_counter()
+            measured = meter.observe(seen, now)
             if measured is None:
+                hint = meter.glimpse(seen, now)
+                if len(self.legs) == 1 and hint is not None and hint < _verify.MET * leg.predicted:
+                    self._prepare_runner_up(sched)
                 return None
             leg.measured, leg.tasks, leg.seconds = measured
             go, promise = self._judge(sched, max(wall, round_time))

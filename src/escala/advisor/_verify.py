@@ -76,6 +76,17 @@ class Meter:
         """Forget what was counted: the conditions changed (the sampling thread ended)."""
         self._start = None
 
+    def glimpse(self, ran: int, now: float) -> float | None:
+        """The speed-up so far, once half the span has passed (``None`` before): an early
+        hint, not a measurement, to prepare what a verdict may need."""
+        if self._start is None:
+            return None
+        ran0, start = self._start
+        seconds = now - start
+        if seconds < self.span / 2 or ran <= ran0:
+            return None
+        return (ran - ran0) * self.per_task / seconds
+
     def observe(self, ran: int, now: float) -> tuple[float, int, float] | None:
         """Take the leg's count of tasks run at ``now``.
 
